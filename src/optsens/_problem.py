@@ -1,0 +1,340 @@
+"""`EstimatingEquation`: ``G(theta, eps) = 0``, its solution ``theta0`` at ``eps0``,
+and the checked, factorised ``H = dG/dtheta`` that every derivative reuses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import (
+    IndefiniteHessianError,
+    NonFiniteError,
+    NotASolutionError,
+    SingularHessianError,
+)
+from ._flat import FlatProblem
+from ._linear import CholeskySolver, HessianSolver, IterativeSolver, LUSolver
+from ._pytree import TreeLayout, as_float_tree
+
+__all__ = ["EstimatingEquation"]
+
+_SOLVERS = ("auto", "cholesky", "lu", "cg", "gmres")
+# Above this many parameters "auto" switches to matrix-free solves: a dense D x D
+# float64 Hessian of 4000 parameters is already 128 MB.
+_DENSE_LIMIT = 4000
+
+
+def _is_concrete(tree: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _describe_tree(tree: Any) -> str:
+    return str(jax.tree_util.tree_map(lambda x: f"{jnp.result_type(x)}{list(np.shape(x))}", tree))
+
+
+def _top_entries(vector: np.ndarray, names: list[str], count: int = 5) -> str:
+    order = np.argsort(-np.abs(vector))[:count]
+    return ", ".join(f"{names[i]}: {vector[i]:+.3g}" for i in order)
+
+
+class EstimatingEquation(eqx.Module):
+    """An estimating equation ``G(theta, eps) = 0`` solved by ``theta0`` at ``eps0``.
+
+    The implicit function theorem defines ``theta_hat(eps)`` near ``eps0`` with
+    ``theta_hat(eps0) = theta0`` and ``G(theta_hat(eps), eps) = 0``, provided
+    ``H = dG/dtheta (theta0, eps0)`` is nonsingular. On construction this class
+    checks that ``theta0`` solves the equation and that ``H`` is nonsingular, and
+    factorises ``H`` once (Cholesky for the gradient of an objective, LU otherwise,
+    or a matrix-free solver); every derivative of every order reuses that
+    factorisation.
+
+    **Arguments:**
+
+    - `g`: ``g(theta, eps, *args)`` returning a pytree shaped like `theta`.
+    - `theta0`: the solution at `eps0`; any pytree of arrays.
+    - `eps0`: the hyperparameter; any pytree of arrays (a scalar works).
+    - `args`: extra arguments of `g` (typically data). They are passed to compiled
+      code as traced values, so a new data set reuses the compiled kernels.
+    - `residual_rtol`: `theta0` is accepted if the Newton step
+      ``||H^{-1} G(theta0, eps0)||_inf`` is at most
+      ``residual_rtol * max(1, ||theta0||_inf)``.
+    - `solver`: ``"auto"`` (dense Cholesky for objectives, dense LU otherwise,
+      matrix-free above 4000 parameters), ``"cholesky"``, ``"lu"``, ``"cg"`` or
+      ``"gmres"`` (matrix-free, Hessian-vector products through lineax).
+    - `cond_max`: a dense ``H`` whose estimated condition number exceeds this is
+      reported as numerically singular.
+    - `iterative_rtol`, `iterative_max_steps`: settings of CG / GMRES.
+
+    **Example:**
+
+    ```python
+    def g(theta, lam, X, y):        # ridge regression's normal equations
+        return X.T @ (X @ theta - y) + lam * theta
+    eq = optsens.EstimatingEquation(g, theta0, 1.0, args=(X, y))
+    ```
+    """
+
+    problem: FlatProblem = eqx.field(static=True)
+    theta0: Any
+    eps0: Any
+    args: tuple
+    theta0_flat: jax.Array
+    eps0_flat: jax.Array
+    solver: HessianSolver
+    residual_norm: float = eqx.field(static=True)
+    newton_step_norm: float = eqx.field(static=True)
+    condition_number: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        g: Callable[..., Any],
+        theta0: Any,
+        eps0: Any,
+        *,
+        args: tuple = (),
+        residual_rtol: float = 1e-6,
+        solver: str = "auto",
+        cond_max: float = 1e12,
+        iterative_rtol: float = 1e-10,
+        iterative_max_steps: int = 10_000,
+        _kind: str = "equation",
+    ):
+        if not callable(g):
+            name = "f" if _kind == "objective" else "g"
+            raise TypeError(f"`{name}` must be a function; got {type(g).__name__}.")
+        if solver not in _SOLVERS:
+            raise ValueError(f"`solver` must be one of {_SOLVERS}; got {solver!r}.")
+        if not isinstance(args, tuple):
+            raise TypeError(
+                f"`args` must be a tuple of extra arguments for `g`; got {type(args).__name__}. "
+                "Wrap a single argument as `args=(data,)`."
+            )
+        if not (residual_rtol > 0):
+            raise ValueError(f"`residual_rtol` must be positive; got {residual_rtol!r}.")
+        theta0 = as_float_tree(theta0, "theta0")
+        eps0 = as_float_tree(eps0, "eps0")
+        args = jax.tree_util.tree_map(jnp.asarray, args)
+        if not jax.tree_util.tree_leaves(theta0):
+            raise ValueError("`theta0` has no arrays in it; it must hold the parameters.")
+        theta_layout, eps_layout = TreeLayout.of(theta0), TreeLayout.of(eps0)
+        if solver == "cholesky" and _kind != "objective":
+            raise ValueError(
+                "`solver='cholesky'` needs a symmetric positive definite H, which is only "
+                "guaranteed for `EstimatingEquation.from_objective`; use solver='lu'."
+            )
+        if solver == "cg" and _kind != "objective":
+            raise ValueError(
+                "`solver='cg'` needs a symmetric positive definite H, which is only "
+                "guaranteed for `EstimatingEquation.from_objective`; use solver='gmres'."
+            )
+        problem = FlatProblem(g, _kind, theta_layout, eps_layout)
+        _check_output_structure(problem, theta0, eps0, args)
+
+        theta0_flat = theta_layout.ravel(theta0)
+        eps0_flat = eps_layout.ravel(eps0)
+        self.problem = problem
+        self.theta0, self.eps0, self.args = theta0, eps0, args
+        self.theta0_flat, self.eps0_flat = theta0_flat, eps0_flat
+
+        if solver == "auto":
+            if theta_layout.size > _DENSE_LIMIT:
+                solver = "cg" if _kind == "objective" else "gmres"
+            else:
+                solver = "cholesky" if _kind == "objective" else "lu"
+        concrete = _is_concrete((theta0, eps0, args))
+        if solver in ("cg", "gmres"):
+            self.solver = IterativeSolver(
+                problem, solver, iterative_rtol, iterative_max_steps, theta0_flat, eps0_flat, args
+            )
+            cond = float("nan")
+        else:
+            hessian = problem.hessian(theta0_flat, eps0_flat, args)
+            if concrete:
+                _check_finite_hessian(hessian, theta_layout)
+            factorised = (CholeskySolver if solver == "cholesky" else LUSolver).factorise(hessian)
+            if concrete:
+                cond = _check_factorisation(factorised, hessian, problem, cond_max)
+            else:
+                cond = float("nan")
+            self.solver = factorised
+
+        if concrete:
+            residual, step = _check_solution(self, residual_rtol)
+        else:
+            residual, step = float("nan"), float("nan")
+        self.residual_norm = residual
+        self.newton_step_norm = step
+        self.condition_number = cond
+
+    @classmethod
+    def from_objective(
+        cls, f: Callable[..., Any], theta0: Any, eps0: Any, **kwargs: Any
+    ) -> EstimatingEquation:
+        """The first-order condition ``G = grad_theta f(theta, eps) = 0`` of a minimum.
+
+        `f(theta, eps, *args)` returns a scalar; `theta0` minimises it at `eps0`.
+        ``H`` is then the Hessian of `f`, symmetric, and must be positive definite
+        (otherwise `theta0` is a saddle point or a maximum and an
+        `IndefiniteHessianError` says so). Keyword arguments as for the class.
+        """
+        return cls(f, theta0, eps0, _kind="objective", **kwargs)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def is_objective(self) -> bool:
+        return self.problem.kind == "objective"
+
+    @property
+    def solver_name(self) -> str:
+        return self.solver.name
+
+    def equation(self, theta: Any, eps: Any) -> Any:
+        """``G(theta, eps)`` as a pytree shaped like `theta`."""
+        flat = self.problem.equation(self.problem.theta.ravel(theta), self.problem.eps.ravel(eps), self.args)
+        return self.problem.theta.unravel(flat)
+
+    def hessian(self) -> jax.Array:
+        """The dense ``H = dG/dtheta`` at ``(theta0, eps0)`` over the flattened `theta`."""
+        return self.problem.hessian(self.theta0_flat, self.eps0_flat, self.args)
+
+    def solve(self, b: Any, transpose: bool = False) -> Any:
+        """``H^{-1} b`` (or ``H^{-T} b``) for a pytree `b` shaped like `theta`."""
+        flat = self.problem.theta.ravel(b)
+        x = self.solver.transpose_solve(flat) if transpose else self.solver.solve(flat)
+        return self.problem.theta.unravel(x)
+
+    def __repr__(self) -> str:
+        return (
+            f"EstimatingEquation(kind={self.problem.kind}, theta={_describe_tree(self.theta0)}, "
+            f"eps={_describe_tree(self.eps0)}, solver={self.solver_name}, "
+            f"newton_step={self.newton_step_norm:.2e}, cond={self.condition_number:.2e})"
+        )
+
+
+# ---------------------------------------------------------------------- checks
+def _check_output_structure(problem: FlatProblem, theta0, eps0, args) -> None:
+    name = "f" if problem.kind == "objective" else "g"
+    try:
+        out = jax.eval_shape(problem.fn, theta0, eps0, *args)
+    except Exception as exc:  # the user's function failed: say where
+        raise type(exc)(f"calling `{name}(theta0, eps0, *args)` failed: {exc}") from exc
+    if problem.kind == "objective":
+        if np.shape(out) != () or not isinstance(out, jax.ShapeDtypeStruct):
+            raise ValueError(
+                f"`f` must return a scalar objective; it returned {out}. "
+                "Sum or average the per-observation losses."
+            )
+        return
+    if (
+        TreeLayout.of(out).treedef != problem.theta.treedef
+        or tuple(tuple(x.shape) for x in jax.tree_util.tree_leaves(out)) != problem.theta.shapes
+    ):
+        raise ValueError(
+            "`g(theta0, eps0, *args)` must return a pytree shaped like `theta0`; "
+            f"it returned {jax.tree_util.tree_map(lambda x: x.shape, out)} while `theta0` is "
+            f"{jax.tree_util.tree_map(np.shape, theta0)}."
+        )
+
+
+def _check_finite_hessian(hessian: jax.Array, layout: TreeLayout) -> None:
+    bad = ~np.isfinite(np.asarray(hessian))
+    if bad.any():
+        names = layout.leaf_names()
+        rows = sorted(set(np.nonzero(bad)[0].tolist()))[:5]
+        raise NonFiniteError(
+            f"H = dG/dtheta at (theta0, eps0) has {int(bad.sum())} non-finite entries, in the rows "
+            f"of {[names[i] for i in rows]}. Check `theta0` and `eps0` for values where the model "
+            "overflows (log of 0, exp of a large number) and the data for NaN."
+        )
+
+
+def _power_norm(matvec, rmatvec, n: int, dtype, steps: int = 30) -> float:
+    """Largest singular value of the operator by power iteration on ``A^T A``."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(n), dtype)
+    x = x / jnp.linalg.norm(x)
+    sigma = 0.0
+    for _ in range(steps):
+        y = rmatvec(matvec(x))
+        norm = float(jnp.linalg.norm(y))
+        if not np.isfinite(norm) or norm == 0.0:
+            return norm
+        sigma = np.sqrt(norm)
+        x = y / norm
+    return float(sigma)
+
+
+def _check_factorisation(solver, hessian, problem: FlatProblem, cond_max: float) -> float:
+    names = problem.theta.leaf_names()
+    hessian_np = np.asarray(hessian)
+    if not solver.is_finite():
+        if problem.symmetric:
+            eigvals, eigvecs = np.linalg.eigh((hessian_np + hessian_np.T) / 2)
+            scale = max(np.max(np.abs(eigvals)), np.finfo(float).tiny)
+            if eigvals[0] < -1e-10 * scale:
+                n_negative = int(np.sum(eigvals < -1e-10 * scale))
+                direction = "a maximum" if eigvals[-1] < 0 else "a saddle point"
+                raise IndefiniteHessianError(
+                    f"The Hessian of `f` at `theta0` is not positive definite: {n_negative} of "
+                    f"{len(eigvals)} eigenvalues are negative (smallest {eigvals[0]:.3g}, largest "
+                    f"{eigvals[-1]:.3g}), so `theta0` is {direction} of `f`, not a minimum. "
+                    f"Direction of most negative curvature: {_top_entries(eigvecs[:, 0], names)}. "
+                    "Re-run the optimiser (optsens expects a minimum of `f`; to maximise a "
+                    "log-likelihood pass its negative)."
+                )
+            _raise_singular(float("inf"), eigvecs[:, 0], names, cond_max)
+        _, _, vt = np.linalg.svd(hessian_np)
+        _raise_singular(float("inf"), vt[-1], names, cond_max)
+    n = hessian.shape[0]
+    norm_h = _power_norm(lambda x: hessian @ x, lambda x: hessian.T @ x, n, hessian.dtype)
+    norm_inv = _power_norm(solver.solve, solver.transpose_solve, n, hessian.dtype)
+    cond = norm_h * norm_inv
+    if not np.isfinite(cond) or cond > cond_max:
+        if problem.symmetric:
+            _, eigvecs = np.linalg.eigh((hessian_np + hessian_np.T) / 2)
+            null = eigvecs[:, np.argmin(np.abs(np.linalg.eigvalsh(hessian_np)))]
+        else:
+            null = np.linalg.svd(hessian_np)[2][-1]
+        _raise_singular(cond, null, names, cond_max)
+    return float(cond)
+
+
+def _raise_singular(cond: float, null_direction, names, cond_max: float):
+    raise SingularHessianError(
+        f"H = dG/dtheta at (theta0, eps0) is numerically singular: condition number ~ {cond:.3g} "
+        f"(limit `cond_max` = {cond_max:.3g}). The solution is not locally unique along the "
+        f"near-null direction, whose largest entries are {_top_entries(np.asarray(null_direction), names)}. "
+        "Add a penalty or prior on these parameters, remove redundant ones (collinear "
+        "columns, an over-parametrised model), or raise `cond_max` if this conditioning is expected."
+    )
+
+
+def _check_solution(eq: EstimatingEquation, residual_rtol: float) -> tuple[float, float]:
+    problem = eq.problem
+    residual = problem.equation(eq.theta0_flat, eq.eps0_flat, eq.args)
+    residual_np = np.asarray(residual)
+    if not np.all(np.isfinite(residual_np)):
+        names = problem.theta.leaf_names()
+        bad = [names[i] for i in np.nonzero(~np.isfinite(residual_np))[0][:5]]
+        raise NonFiniteError(
+            f"G(theta0, eps0) is not finite (at {bad}). Check `theta0`, `eps0` and the data for "
+            "NaN or infinite values, and the model for overflow at these values."
+        )
+    step = np.asarray(eq.solver.solve(residual))
+    residual_norm = float(np.linalg.norm(residual_np))
+    step_norm = float(np.max(np.abs(step))) if step.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(np.asarray(eq.theta0_flat)))))
+    if not np.isfinite(step_norm) or step_norm > residual_rtol * scale:
+        what = "gradient of `f`" if problem.kind == "objective" else "`g`"
+        raise NotASolutionError(
+            f"`theta0` does not solve the equation at `eps0`: the {what} has norm "
+            f"{residual_norm:.3g} there and the Newton step H^-1 G that would correct "
+            f"`theta0` has size {step_norm:.3g} (allowed: `residual_rtol` * max(1, |theta0|) = "
+            f"{residual_rtol * scale:.3g}). Run the optimiser to a tighter tolerance (or polish "
+            "theta0 with optsens.newton_solve), or raise `residual_rtol` if this accuracy is enough."
+        )
+    return residual_norm, step_norm
