@@ -69,6 +69,22 @@ class EstimatingEquation(eqx.Module):
     - `cond_max`: a dense ``H`` whose estimated condition number exceeds this is
       reported as numerically singular.
     - `iterative_rtol`, `iterative_max_steps`: settings of CG / GMRES.
+    - `regularization`: ``None`` (default) or ``delta > 0``, for optima that are not
+      unique (collinear columns, over-parametrised models: ``H`` singular). Every
+      solve then uses ``H + delta I`` (dense solvers only), and every derivative and
+      expansion is exactly that of ``theta_delta(eps)``, the solution through
+      ``theta0`` of the *proximal* equation
+
+          G(theta, eps) + delta (theta - theta0) = 0
+
+      (for an objective: ``argmin f(theta, eps) + delta/2 ||theta - theta0||^2``),
+      not of ``theta_hat``. Among equivalent optima it follows the path that moves
+      least from ``theta0``; for symmetric ``H`` and ``dG/deps v`` in the range of
+      ``H`` the first derivative tends, as ``delta -> 0``, to the pseudo-inverse
+      (minimum-norm) answer ``-H^+ (dG/deps) v``. Quantities constant along the null
+      directions of ``H`` (predictions ``X theta``, identified contrasts) are then
+      meaningful; the components of ``theta`` along them are a convention, not an
+      estimate. Checks (solution, singularity, definiteness) apply to ``H + delta I``.
 
     **Example:**
 
@@ -89,6 +105,7 @@ class EstimatingEquation(eqx.Module):
     residual_norm: float = eqx.field(static=True)
     newton_step_norm: float = eqx.field(static=True)
     condition_number: float = eqx.field(static=True)
+    regularization: float | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -102,6 +119,7 @@ class EstimatingEquation(eqx.Module):
         cond_max: float = 1e12,
         iterative_rtol: float = 1e-10,
         iterative_max_steps: int = 10_000,
+        regularization: float | None = None,
         _kind: str = "equation",
     ):
         if not callable(g):
@@ -116,6 +134,22 @@ class EstimatingEquation(eqx.Module):
             )
         if not (residual_rtol > 0):
             raise ValueError(f"`residual_rtol` must be positive; got {residual_rtol!r}.")
+        if regularization is not None:
+            if isinstance(regularization, bool) or not (
+                isinstance(regularization, (int, float, np.floating, np.integer))
+                and np.isfinite(regularization)
+                and regularization > 0
+            ):
+                raise ValueError(
+                    f"`regularization` must be None or a finite positive number (the delta of "
+                    f"H + delta I); got {regularization!r}."
+                )
+            if solver in ("cg", "gmres"):
+                raise ValueError(
+                    f"`regularization` works with the dense solvers only; got solver={solver!r}. "
+                    "Use solver='cholesky' or 'lu', or add delta/2 |theta - theta0|^2 to `f` yourself."
+                )
+            regularization = float(regularization)
         theta0 = as_float_tree(theta0, "theta0")
         eps0 = as_float_tree(eps0, "eps0")
         args = jax.tree_util.tree_map(jnp.asarray, args)
@@ -142,7 +176,7 @@ class EstimatingEquation(eqx.Module):
         self.theta0_flat, self.eps0_flat = theta0_flat, eps0_flat
 
         if solver == "auto":
-            if theta_layout.size > _DENSE_LIMIT:
+            if theta_layout.size > _DENSE_LIMIT and regularization is None:
                 solver = "cg" if _kind == "objective" else "gmres"
             else:
                 solver = "cholesky" if _kind == "objective" else "lu"
@@ -154,6 +188,8 @@ class EstimatingEquation(eqx.Module):
             cond = float("nan")
         else:
             hessian = problem.hessian(theta0_flat, eps0_flat, args)
+            if regularization is not None:
+                hessian = hessian + regularization * jnp.eye(hessian.shape[0], dtype=hessian.dtype)
             if concrete:
                 _check_finite_hessian(hessian, theta_layout)
             factorised = (CholeskySolver if solver == "cholesky" else LUSolver).factorise(hessian)
@@ -170,6 +206,7 @@ class EstimatingEquation(eqx.Module):
         self.residual_norm = residual
         self.newton_step_norm = step
         self.condition_number = cond
+        self.regularization = regularization
 
     @classmethod
     def from_objective(

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _trust
 from ._errors import NonFiniteError, OptsensError, PrecisionWarning
 from ._flat import FlatProblem
 from ._implicit import implicit_flat
@@ -292,12 +293,24 @@ class TaylorExpansion(eqx.Module):
         flat = self._coefficients_flat(self._direction(v))
         return [self.out_layout.unravel(flat[k] * math.factorial(k + 1)) for k in range(self.order)]
 
-    def __call__(self, eps: Any, order: int | None = None) -> Any:
+    def __call__(self, eps: Any, order: int | None = None, *, resum: str | None = None) -> Any:
         """The truncated series at `eps`: ``theta0 + sum_{k <= order} theta_k`` along
-        ``v = eps - eps0`` (``t = 1``). `jax.vmap` over `eps` works."""
+        ``v = eps - eps0`` (``t = 1``). `jax.vmap` over `eps` works.
+
+        With ``resum="pade"``, the per-coordinate Padé approximant built from the
+        same coefficients (see `optsens.pade_approximant`); it runs eagerly, not under
+        `jit` / `vmap`. Evaluating the plain series beyond the radius of convergence
+        estimated from its coefficients (order >= 3) warns once per expansion
+        (`BeyondRadiusWarning`); see `trust`.
+        """
         order = self.order if order is None else _check_order_arg(order, self.order)
+        if resum not in (None, "pade"):
+            raise ValueError(f"`resum` must be None or 'pade'; got {resum!r}.")
         v = self._direction(eps, "eps") - self.eq.eps0_flat
         flat = self._coefficients_flat(v)
+        if resum == "pade":
+            return _trust.pade_at_step(self, flat[:order])
+        _trust.warn_if_beyond_radius(self, flat, order)
         total = self.out_layout.ravel(self.value0) + jnp.sum(flat[:order], axis=0)
         return self.out_layout.unravel(total)
 
@@ -355,6 +368,27 @@ class TaylorExpansion(eqx.Module):
             self.out_layout,
             self.eq.problem.eps,
         )
+
+    # ------------------------------------------------ trust (see optsens._trust)
+    def radius(self, v: Any) -> float:
+        """Estimated radius of convergence along `v`: the series converges at
+        ``eps0 + t v`` for ``|t| < radius(v)`` (units of ``t``; the distance in `eps`
+        is ``radius(v) * ||v||``). From the root and ratio tests on
+        ``||theta_k||``, k = 1..order+2 (`optsens.estimate_radius`)."""
+        return float(_trust.expansion_radius(self, v).radius)
+
+    def error_estimate(self, eps: Any, order: int | None = None) -> float:
+        """Estimated ``||theta_hat(eps) - ts(eps, order)||_2`` from the first omitted
+        terms ``T_{K+1} + T_{K+2} / (1 - rho)`` (`optsens.truncation_error_estimate`);
+        computes two orders more than the expansion has."""
+        order = self.order if order is None else _check_order_arg(order, self.order)
+        return _trust.expansion_error(self, eps, order)
+
+    def trust(self, eps: Any) -> _trust.TrustReport:
+        """A `TrustReport` for ``ts(eps)``: the estimate, its error estimate, the
+        radius along ``eps - eps0``, the Padé value as a second opinion and a verdict
+        (``"reliable"``, ``"check"``, ``"unreliable"``)."""
+        return _trust.expansion_trust(self, eps)
 
 
 def _compositions(total: int, parts: int):

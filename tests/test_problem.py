@@ -1,0 +1,142 @@
+"""EstimatingEquation: construction, pytrees, checks and their messages."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optsens
+from tests._problems import (
+    logistic_data,
+    logistic_objective,
+    ridge_data,
+    ridge_equation,
+    ridge_objective,
+    ridge_solution,
+)
+
+
+def test_objective_uses_cholesky_and_equation_uses_lu():
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+    eq_obj = optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y))
+    eq_g = optsens.EstimatingEquation(ridge_equation, theta0, 1.0, args=(x, y))
+    assert eq_obj.solver_name == "cholesky" and eq_g.solver_name == "lu"
+    np.testing.assert_allclose(eq_obj.hessian(), x.T @ x + np.eye(5), rtol=1e-13)
+    b = np.arange(5.0)
+    np.testing.assert_allclose(eq_obj.solve(b), np.linalg.solve(x.T @ x + np.eye(5), b), rtol=1e-12)
+    # The Newton step of an exact solution is at rounding level.
+    assert eq_obj.newton_step_norm < 1e-12
+    assert 1 < eq_obj.condition_number < 1e4
+    assert "cholesky" in repr(eq_obj)
+
+
+def test_pytree_theta_and_eps():
+    """theta = {matrix, vector}, eps = {scalar, vector}: flattened inside, pytrees out."""
+    rng = np.random.default_rng(0)
+    target_w, target_b = rng.standard_normal((3, 2)), rng.standard_normal(2)
+
+    def f(theta, eps):
+        return (
+            0.5 * jnp.exp(eps["a"]) * jnp.sum((theta["w"] - target_w) ** 2)
+            + 0.5 * jnp.sum((theta["b"] - target_b - eps["shift"]) ** 2)
+            + 0.1 * jnp.sum(theta["w"] ** 4)
+        )
+
+    eps0 = {"a": 0.0, "shift": jnp.zeros(2)}
+    theta0 = optsens.newton_solve(f, {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}, eps0, objective=True)
+    eq = optsens.EstimatingEquation.from_objective(f, theta0, eps0)
+    g = eq.equation(theta0, eps0)
+    assert g["w"].shape == (3, 2) and g["b"].shape == (2,)
+    assert eq.hessian().shape == (8, 8)
+
+
+def test_integer_inputs_are_promoted():
+    x, y = ridge_data()
+    eq = optsens.EstimatingEquation(ridge_equation, ridge_solution(x, y, 1.0), 1, args=(x, y))
+    assert eq.eps0.dtype == jnp.float64
+
+
+def test_not_a_solution_reports_residual_and_remedy():
+    x, y = ridge_data()
+    theta = ridge_solution(x, y, 1.0) + 1e-3
+    with pytest.raises(optsens.NotASolutionError, match=r"Newton step.*residual_rtol"):
+        optsens.EstimatingEquation(ridge_equation, theta, 1.0, args=(x, y))
+    # A looser tolerance accepts it.
+    eq = optsens.EstimatingEquation(ridge_equation, theta, 1.0, args=(x, y), residual_rtol=1e-2)
+    assert eq.newton_step_norm > 1e-4
+
+
+def test_singular_hessian_names_the_near_null_direction():
+    x, y = ridge_data()
+    x = np.column_stack([x, x[:, 0]])  # collinear columns: X^T X singular
+
+    def g(theta, lam):
+        return x.T @ (x @ theta - y) + lam * theta
+
+    theta0 = np.linalg.lstsq(x, y, rcond=None)[0]
+    with pytest.raises(optsens.SingularHessianError, match=r"\[0\].*\[5\]|\[5\].*\[0\]"):
+        optsens.EstimatingEquation(g, theta0, 0.0)
+
+
+def test_saddle_point_is_not_a_minimum():
+    def f(theta, eps):
+        return theta[0] ** 2 - theta[1] ** 2 + eps * theta[0]
+
+    with pytest.raises(optsens.IndefiniteHessianError, match="saddle point"):
+        optsens.EstimatingEquation.from_objective(f, jnp.zeros(2), 0.0)
+
+
+def test_maximum_is_reported_as_such():
+    def f(theta, eps):
+        return -jnp.sum(theta**2) + eps * theta[0]
+
+    with pytest.raises(optsens.IndefiniteHessianError, match="maximum"):
+        optsens.EstimatingEquation.from_objective(f, jnp.zeros(2), 0.0)
+
+
+def test_non_finite_inputs_and_values():
+    x, y = logistic_data()
+    y_bad = y.copy()
+    y_bad[3] = np.nan
+    with pytest.raises(optsens.NonFiniteError):
+        optsens.EstimatingEquation.from_objective(logistic_objective, jnp.zeros(4), 0.0, args=(x, y_bad))
+
+    def g(theta, eps):
+        return jnp.log(theta) + eps
+
+    with pytest.raises(optsens.NonFiniteError, match="non-finite"):
+        optsens.EstimatingEquation(g, jnp.array([0.0, 1.0]), 0.0)
+
+
+def test_bad_arguments_are_named():
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+    with pytest.raises(TypeError, match="`g` must be a function"):
+        optsens.EstimatingEquation("not a function", theta0, 1.0)
+    with pytest.raises(ValueError, match="`solver`"):
+        optsens.EstimatingEquation(ridge_equation, theta0, 1.0, args=(x, y), solver="qr")
+    with pytest.raises(TypeError, match="`args` must be a tuple"):
+        optsens.EstimatingEquation(ridge_equation, theta0, 1.0, args=x)
+    with pytest.raises(ValueError, match="shaped like `theta0`"):
+        optsens.EstimatingEquation(lambda th, e: th[:2], theta0, 1.0)
+    with pytest.raises(ValueError, match="scalar objective"):
+        optsens.EstimatingEquation.from_objective(lambda th, e: th, theta0, 1.0)
+    with pytest.raises(ValueError, match="solver='lu'"):
+        optsens.EstimatingEquation(ridge_equation, theta0, 1.0, args=(x, y), solver="cholesky")
+    with pytest.raises(TypeError, match="`theta0`"):
+        optsens.EstimatingEquation(ridge_equation, {"a": "text"}, 1.0, args=(x, y))
+
+
+@pytest.mark.parametrize("solver", ["cg", "gmres"])
+def test_matrix_free_solvers_match_dense(solver):
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+    dense = optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y))
+    free = optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y), solver=solver)
+    b = np.linspace(-1, 1, 5)
+    # The iterative solvers stop at rtol 1e-10 of the residual.
+    np.testing.assert_allclose(free.solve(b), dense.solve(b), rtol=1e-8)
+    d_dense = optsens.taylor_expansion(dense, 3).derivatives(1.0)
+    d_free = optsens.taylor_expansion(free, 3).derivatives(1.0)
+    for a, b in zip(d_free, d_dense, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-7)
