@@ -12,6 +12,11 @@ from ._errors import (
     PrecisionWarning as PrecisionWarning,
     SingularHessianError as SingularHessianError,
 )
+from ._folds import (
+    bootstrap_counts as bootstrap_counts,
+    kfold as kfold,
+    leave_k_out as leave_k_out,
+)
 from ._implicit import implicit_optimum as implicit_optimum
 from ._newton import newton_solve as newton_solve
 from ._problem import EstimatingEquation as EstimatingEquation
@@ -20,12 +25,14 @@ from ._taylor import (
     TaylorPolynomial as TaylorPolynomial,
     taylor_expansion as taylor_expansion,
 )
+from ._weights import MEstimator as MEstimator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EstimatingEquation",
     "IndefiniteHessianError",
+    "MEstimator",
     "NonFiniteError",
     "NotASolutionError",
     "OptsensError",
@@ -33,7 +40,10 @@ __all__ = [
     "SingularHessianError",
     "TaylorExpansion",
     "TaylorPolynomial",
+    "bootstrap_counts",
     "implicit_optimum",
+    "kfold",
+    "leave_k_out",
     "newton_solve",
     "taylor_expansion",
 ]

@@ -24,6 +24,7 @@ Each order costs one solve with the cached factorisation and one evaluation of
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -198,6 +199,21 @@ class TaylorPolynomial(eqx.Module):
         return self.out_layout.unravel(total)
 
 
+@functools.partial(jax.jit, static_argnames=("problem", "order", "method", "qoi", "out_layout"))
+def _checked_kernel(problem, solver, theta0, eps0, args, v, order, method, qoi, out_layout):
+    """`_expansion_kernel` and whether all its coefficients are finite, in one call."""
+    out = _expansion_kernel(problem, solver, theta0, eps0, args, v, order, method, qoi, out_layout)
+    return out, jnp.all(jnp.isfinite(out))
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "as_derivatives"))
+def _split_orders(flat, layout: TreeLayout, as_derivatives: bool) -> list[Any]:
+    """Rows of `flat` as pytrees; times ``k!`` to turn coefficients into derivatives.
+    Compiled, so K orders cost one dispatch rather than 2K small eager ones."""
+    scale = [math.factorial(k + 1) if as_derivatives else 1 for k in range(flat.shape[0])]
+    return [layout.unravel(flat[k] * scale[k]) for k in range(flat.shape[0])]
+
+
 def _check_order_arg(order, available: int) -> int:
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
         raise ValueError(f"`order` must be a non-negative integer; got {order!r}.")
@@ -260,7 +276,7 @@ class TaylorExpansion(eqx.Module):
 
     def _coefficients_flat(self, v_flat: jax.Array) -> jax.Array:
         eq = self.eq
-        out = _expansion_kernel(
+        out, finite = _checked_kernel(
             eq.problem,
             eq.solver,
             eq.theta0_flat,
@@ -272,7 +288,7 @@ class TaylorExpansion(eqx.Module):
             self.qoi,
             self.out_layout,
         )
-        if _is_concrete(out) and not bool(jnp.all(jnp.isfinite(out))):
+        if _is_concrete(finite) and not bool(finite):
             orders = sorted({int(i) + 1 for i in np.nonzero(~np.isfinite(np.asarray(out)))[0]})
             raise NonFiniteError(
                 f"The Taylor coefficients of order {orders} are not finite. G or its derivatives "
@@ -285,13 +301,13 @@ class TaylorExpansion(eqx.Module):
         """The normalised Taylor coefficients ``[theta_1, ..., theta_K]`` along `v`:
         ``theta(t) = theta0 + sum_k theta_k t^k`` for ``eps = eps0 + t v``."""
         flat = self._coefficients_flat(self._direction(v))
-        return [self.out_layout.unravel(flat[k]) for k in range(self.order)]
+        return _split_orders(flat, self.out_layout, False)
 
     def derivatives(self, v: Any) -> list[Any]:
         """``[D theta_hat[v], D^2 theta_hat[v, v], ..., D^K theta_hat[v, ..., v]]`` at
         ``eps0`` (``k! theta_k``), each shaped like `theta` (or like the QoI)."""
         flat = self._coefficients_flat(self._direction(v))
-        return [self.out_layout.unravel(flat[k] * math.factorial(k + 1)) for k in range(self.order)]
+        return _split_orders(flat, self.out_layout, True)
 
     def __call__(self, eps: Any, order: int | None = None, *, resum: str | None = None) -> Any:
         """The truncated series at `eps`: ``theta0 + sum_{k <= order} theta_k`` along
