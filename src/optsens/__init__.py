@@ -25,6 +25,17 @@ from ._taylor import (
     TaylorPolynomial as TaylorPolynomial,
     taylor_expansion as taylor_expansion,
 )
+from ._trust import (
+    BeyondRadiusWarning as BeyondRadiusWarning,
+    PadeApproximant as PadeApproximant,
+    RadiusEstimate as RadiusEstimate,
+    TrustReport as TrustReport,
+    ValidationTable as ValidationTable,
+    estimate_radius as estimate_radius,
+    pade_approximant as pade_approximant,
+    truncation_error_estimate as truncation_error_estimate,
+    validate_expansion as validate_expansion,
+)
 from ._weights import MEstimator as MEstimator
 
 __version__ = "0.1.0"
@@ -46,4 +57,13 @@ __all__ = [
     "leave_k_out",
     "newton_solve",
     "taylor_expansion",
+    "BeyondRadiusWarning",
+    "PadeApproximant",
+    "RadiusEstimate",
+    "TrustReport",
+    "ValidationTable",
+    "estimate_radius",
+    "pade_approximant",
+    "truncation_error_estimate",
+    "validate_expansion",
 ]

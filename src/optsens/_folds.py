@@ -61,7 +61,11 @@ def _as_index_array(fold: Any, f: int, name: str) -> np.ndarray:
             f"`{name}`[{f}] must be a 1-D array of observation indices; got shape {arr.shape}."
         )
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        if (
+            np.issubdtype(arr.dtype, np.floating)
+            and np.all(np.isfinite(arr))
+            and np.all(arr == np.round(arr))
+        ):
             arr = arr.astype(np.int64)
         else:
             raise OptsensError(
@@ -109,9 +113,7 @@ def as_fold_index(folds: Any, n_obs: int, *, name: str = "folds") -> FoldIndex:
     arrays = [_as_index_array(fold, f, name) for f, fold in enumerate(rows)]
     for f, arr in enumerate(arrays):
         if arr.size == 0:
-            raise OptsensError(
-                f"`{name}`[{f}] is empty: every fold must leave out at least one observation."
-            )
+            raise OptsensError(f"`{name}`[{f}] is empty: every fold must leave out at least one observation.")
         bad = (arr < 0) | (arr >= n_obs)
         if bad.any():
             raise OptsensError(

@@ -149,7 +149,9 @@ def from_statsmodels(cls, results: Any, *, polish: bool = True, **kwargs: Any):
                 f"{sorted(f'{f}/{lk}' for f, lk in _GLM_LOSSES)}. Write its negative log-likelihood as "
                 "`loss(theta, datum)` and use `MEstimator.from_loss`."
             )
-        weights = weights * np.asarray(model.freq_weights, dtype=float) * np.asarray(model.var_weights, dtype=float)
+        weights = (
+            weights * np.asarray(model.freq_weights, dtype=float) * np.asarray(model.var_weights, dtype=float)
+        )
         if family == "Binomial" and getattr(model, "n_trials", None) is not None:
             weights = weights * np.broadcast_to(np.asarray(model.n_trials, dtype=float), (n_obs,))
     elif name == "Logit":
@@ -193,7 +195,9 @@ def _logistic_penalty(est) -> tuple[float, float]:
     return coef_strength, intercept_strength
 
 
-def from_sklearn(cls, estimator: Any, X: Any, y: Any, *, sample_weight: Any = None, polish: bool = True, **kwargs):
+def from_sklearn(
+    cls, estimator: Any, X: Any, y: Any, *, sample_weight: Any = None, polish: bool = True, **kwargs
+):
     """An `MEstimator` for a fitted scikit-learn `LogisticRegression` (binary), `Ridge`
     or `LinearRegression`, with the data it was fitted on.
 

@@ -12,15 +12,15 @@ Its own coefficients say where it can be trusted:
   coefficients, so a zero or negligible coefficient (an even or odd function, a
   coordinate that does not move) does not fake a small radius.
 - **truncation error** at ``t``: the first omitted terms ``T_j = theta_j t^j``,
-  ``j = K+1, K+2``, summed with a geometric tail,
-  ``theta(t) - sum_{k<=K} T_k ~ T_{K+1} + T_{K+2} / (1 - rho)``, with ``rho``
-  the signed ratio of successive terms.
+  ``j = K+1, K+2``, and the rest of the tail as the Padé approximant of the
+  longer series extrapolates it (for a geometric tail, ``T_{K+1} / (1 - rho)``
+  with ``rho`` the ratio of successive terms).
 - **Padé approximants** ``p(t)/q(t)`` per coordinate from the same coefficients,
   which continue the series past a pole or along a saturating curve.
 
 The functions on arrays here know nothing of `TaylorExpansion`; the ones that take
 an expansion (`expansion_trust`, `validate_expansion`, ...) use its public
-interface and build the one-order-longer expansion they need themselves.
+interface and build the two-orders-longer expansion they need themselves.
 """
 
 from __future__ import annotations
@@ -58,9 +58,6 @@ __all__ = [
 _NOISE_RTOL = 1e-13
 # The error estimate needs this many orders beyond the expansion's own.
 EXTRA_ORDERS = 2
-# A ratio of successive terms above this is treated as "not converging" when
-# summing the geometric tail.
-_RHO_MAX = 0.9
 
 
 class BeyondRadiusWarning(UserWarning):
@@ -72,8 +69,10 @@ class RadiusEstimate(NamedTuple):
     """The estimated radius of convergence of ``sum_k theta_k t^k`` in ``t``.
 
     - `radius`: the estimate used (`ratio` when at least two orders are
-      informative, else `root`); ``inf`` when no coefficient beyond the first is
-      above rounding level.
+      informative, else `root`); ``inf`` when the series is a polynomial to working
+      precision (no coefficient beyond the first above rounding level, or the
+      last two or more orders at rounding level where the trend of the others
+      says they would be clearly visible).
     - `root`: ``min_k ||theta_k||^{-1/k}`` over the orders used (root test).
     - `ratio`: ``exp(-slope)`` of the least-squares line through
       ``(k, log ||theta_k||)`` over the orders used (ratio test).
@@ -145,42 +144,77 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     window = window[window > 1] if window.size > 2 else window
     log_a = np.log(a[window - 1])
     root = float(np.min(np.exp(-log_a / window)))
+    # Two or more trailing orders at rounding level where the trend says they should
+    # be clearly visible: the series terminates (a polynomial), not a radius.
+    last = int(informative[-1])
+    floor = math.log(_NOISE_RTOL * scale)
     if window.size < 2:
+        if a.size - last >= 2:
+            return RadiusEstimate(math.inf, math.inf, math.inf, tuple(int(k) for k in window))
         return RadiusEstimate(root, root, math.nan, tuple(int(k) for k in window))
     slope, intercept = np.polyfit(window, log_a, 1)
     keep = log_a >= intercept + slope * window - math.log(10.0)
     if keep.sum() >= 2 and not keep.all():
         window, log_a = window[keep], log_a[keep]
-        slope, _ = np.polyfit(window, log_a, 1)
+        slope, intercept = np.polyfit(window, log_a, 1)
         root = float(np.min(np.exp(-log_a / window)))
+    if a.size - last >= 2 and intercept + slope * (last + 2) > floor + math.log(1e3):
+        return RadiusEstimate(math.inf, math.inf, math.inf, tuple(int(k) for k in window))
     ratio = float(np.exp(-slope))
     return RadiusEstimate(ratio, root, ratio, tuple(int(k) for k in window))
 
 
 # ----------------------------------------------------------- truncation error
-def truncation_error_estimate(coefficients, order: int, t: float = 1.0) -> float:
+def _geometric_tail(terms: np.ndarray, order: int) -> float:
+    """``||T_{K+1} + T_{K+2} / (1 - rho)||``, rho the signed ratio of the two terms."""
+    first = terms[order]
+    if terms.shape[0] == order + 1:
+        return float(np.linalg.norm(first))
+    second = terms[order + 1]
+    denom = float(first @ first)
+    if denom == 0.0:
+        return float(np.linalg.norm(second))
+    one_minus_rho = 1.0 - float(second @ first) / denom
+    if abs(one_minus_rho) < 0.1:  # at a pole on the path: the tail is not summable
+        return math.inf
+    return float(np.linalg.norm(first + second / one_minus_rho))
+
+
+def truncation_error_estimate(coefficients, order: int, value0=None, t: float = 1.0) -> float:
     """Estimate ``||theta(t) - sum_{k<=order} theta_k t^k||_2`` from the first
-    omitted terms.
+    omitted terms, summed by Padé resummation.
 
-    With ``T_j = theta_j t^j``, ``j = order+1, order+2`` (the second one if given),
+    With the coefficients ``theta_1..theta_N`` (``N > order``, typically
+    ``order + 2``) and ``P_N(t)`` the per-coordinate Padé approximant of
+    ``theta_0 + sum_{k<=N} theta_k t^k`` (degrees ``[N - floor(N/2) / floor(N/2)]``,
+    see `pade_coefficients`),
 
-        error ~ || T_{K+1} + T_{K+2} / (1 - rho) ||,
-        rho = <T_{K+2}, T_{K+1}> / ||T_{K+1}||^2,
+        error ~ || P_N(t) - sum_{k<=order} theta_k t^k - theta_0 ||.
 
-    the first omitted term plus a geometric tail whose signed ratio ``rho`` comes
-    from the last two terms (an alternating series, pole on the other side, sums
-    to less than its first omitted term; a series whose terms keep their sign
-    sums to more). ``rho`` is clipped to ``[-0.9, 0.9]``: closer to 1 the tail is
-    not geometric and the series is at or past its radius (see `estimate_radius`).
-    With only ``T_{K+1}`` given the estimate is ``||T_{K+1}||``.
+    Inside the radius this is the first omitted terms ``T_{K+1} + T_{K+2}`` plus
+    the rest of the tail as the approximant extrapolates it: for a geometric tail
+    (one pole) it is exactly ``T_{K+1} / (1 - rho)``, whatever ``rho``, so the
+    estimate stays meaningful past the radius, where the truncation error grows with
+    the order. If the approximant has a pole at ``t`` the estimate falls back to
+    ``||T_{K+1} + T_{K+2} / (1 - rho)||`` with ``rho = <T_{K+2}, T_{K+1}> / ||T_{K+1}||^2``
+    (``inf`` when ``rho`` is within 0.1 of 1).
 
     **Arguments:**
 
     - `coefficients`: array ``(N, ...)`` of ``theta_1..theta_N`` with ``N > order``.
     - `order`: the truncation order ``K``.
-    - `t`: the step along the direction.
+    - `value0`: ``theta_0`` (default zeros); the Padé approximant depends on it.
+    - `t`: the step along the direction (1 when the coefficients are along
+      ``eps - eps0``).
 
     **Returns:** the estimated 2-norm of the truncation error (a float).
+
+    **Example:**
+
+    ```python
+    c = np.array([[0.5 ** k] for k in range(1, 5)])   # 1 / (1 - t/2) - 1
+    truncation_error_estimate(c, order=2)            # 0.25 = sum_{k>2} 2^-k
+    ```
     """
     c = np.asarray(coefficients, dtype=float)
     c = c.reshape(c.shape[0], -1)
@@ -189,17 +223,14 @@ def truncation_error_estimate(coefficients, order: int, t: float = 1.0) -> float
             f"truncation_error_estimate needs the coefficients up to order {order + 1} (at least "
             f"one omitted term); got {c.shape[0]}. Expand to a higher `order`."
         )
-    powers = float(t) ** np.arange(1, c.shape[0] + 1)
-    terms = c * powers[:, None]
-    first = terms[order]
-    if c.shape[0] == order + 1:
-        return float(np.linalg.norm(first))
-    second = terms[order + 1]
-    denom = float(first @ first)
-    if denom == 0.0:
-        return float(np.linalg.norm(second))
-    rho = float(np.clip((second @ first) / denom, -_RHO_MAX, _RHO_MAX))
-    return float(np.linalg.norm(first + second / (1.0 - rho)))
+    c0 = np.zeros(c.shape[1]) if value0 is None else np.asarray(value0, dtype=float).ravel()
+    terms = c * (float(t) ** np.arange(1, c.shape[0] + 1))[:, None]
+    pade = pade_from_coefficients(c0, terms, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resummed = np.asarray(pade.numerators).sum(axis=1) / np.asarray(pade.denominators).sum(axis=1)
+    if not np.all(np.isfinite(resummed)):
+        return _geometric_tail(terms, order)
+    return float(np.linalg.norm(resummed - c0 - terms[:order].sum(axis=0)))
 
 
 # ----------------------------------------------------------------------- Padé
@@ -292,10 +323,51 @@ def _default_degrees(order: int) -> tuple[int, int]:
     return order - n, n
 
 
+def _pade_batch(series: np.ndarray, m: int, n: int, tol: float = 1e-14) -> tuple[np.ndarray, np.ndarray]:
+    """`pade_coefficients` for every column of `series` ((m+n+1, Q)); zero-padded
+    ``(Q, m+1)`` and ``(Q, n+1)`` arrays. The common case (full rank, no degree
+    reduction) is done for all columns at once; the others one by one."""
+    q_count = series.shape[1]
+    nums = np.zeros((q_count, m + 1))
+    dens = np.zeros((q_count, n + 1))
+    dens[:, 0] = 1.0
+    if q_count == 0:
+        return nums, dens
+    c = series[: m + n + 1].T  # (Q, m+n+1)
+    scale = np.linalg.norm(c, axis=1)
+    trivial = (scale == 0) | (np.max(np.abs(c[:, : m + 1]), axis=1) <= tol * np.max(np.abs(c), axis=1))
+    slow = np.zeros(q_count, bool)
+    if n == 0:
+        nums[~trivial] = c[~trivial, : m + 1]
+        return nums, dens
+    idx = np.arange(m + n + 1)[:, None] - np.arange(n + 1)[None, :]
+    z = np.where(idx >= 0, c[:, np.clip(idx, 0, None)], 0.0)  # (Q, m+n+1, n+1)
+    lower = z[:, m + 1 : m + n + 1]  # (Q, n, n+1)
+    _, sv, vt = np.linalg.svd(lower)
+    full = np.sum(sv > tol * scale[:, None], axis=1) == n
+    b = vt[:, -1, :]
+    weights = np.abs(b) + np.sqrt(np.finfo(float).eps)
+    q_mat, _ = np.linalg.qr(np.swapaxes(lower * weights[:, None, :], 1, 2), mode="complete")
+    b = weights * q_mat[:, :, -1]
+    ok = full & ~trivial & (np.abs(b[:, 0]) > tol * np.linalg.norm(b, axis=1))
+    a = np.einsum("qij,qj->qi", z[:, : m + 1], b)
+    nums[ok] = a[ok] / b[ok, :1]
+    dens[ok] = b[ok] / b[ok, :1]
+    slow = ~ok & ~trivial
+    for i in np.nonzero(slow)[0]:
+        a_i, b_i = pade_coefficients(series[:, i], m, n, tol)
+        nums[i] = 0.0
+        dens[i] = 0.0
+        nums[i, : a_i.size] = a_i
+        dens[i, : b_i.size] = b_i
+    return nums, dens
+
+
 def pade_from_coefficients(value0_flat, coefficients_flat, out_layout, degrees=None) -> PadeApproximant:
     """Per-coordinate Padé approximants from ``theta_0`` (Q,) and ``theta_1..K`` (K, Q)."""
-    c0 = np.asarray(value0_flat, dtype=float)
+    c0 = np.asarray(value0_flat, dtype=float).ravel()
     ck = np.asarray(coefficients_flat, dtype=float)
+    ck = ck.reshape(ck.shape[0], -1)
     order = ck.shape[0]
     m, n = _default_degrees(order) if degrees is None else degrees
     if m < 0 or n < 0 or m + n > order:
@@ -304,12 +376,7 @@ def pade_from_coefficients(value0_flat, coefficients_flat, out_layout, degrees=N
             f"use e.g. {_default_degrees(order)}."
         )
     series = np.concatenate([c0[None, :], ck], axis=0)  # (K+1, Q)
-    nums = np.zeros((series.shape[1], m + 1))
-    dens = np.zeros((series.shape[1], n + 1))
-    for i in range(series.shape[1]):
-        a, b = pade_coefficients(series[:, i], m, n)
-        nums[i, : a.size] = a
-        dens[i, : b.size] = b
+    nums, dens = _pade_batch(series, m, n)
     return PadeApproximant(jnp.asarray(nums), jnp.asarray(dens), out_layout)
 
 
@@ -395,14 +462,15 @@ def expansion_error(ts, eps: Any, order: int | None = None) -> float:
     order = ts.order if order is None else order
     d = _step(ts, eps)
     _require_concrete(d, "error_estimate")
-    return truncation_error_estimate(extended_coefficients(ts, d), order)
+    value0 = np.asarray(ts.out_layout.ravel(ts.value0))
+    return truncation_error_estimate(extended_coefficients(ts, d), order, value0)
 
 
 # ------------------------------------------------------------- the report
 _VERDICTS = {
-    "reliable": "well inside the radius and the omitted terms are small",
-    "check": "close to the radius, or the omitted terms are not small: compare with a refit",
-    "unreliable": "beyond the estimated radius: the series diverges here; refit, or try resum='pade'",
+    "reliable": "well inside the radius, and the omitted terms are small",
+    "check": "near the radius, or the omitted terms are not small: compare with a refit",
+    "unreliable": "beyond the estimated radius, where the series diverges: refit, or try resum='pade'",
 }
 
 
@@ -411,16 +479,19 @@ class TrustReport:
     """How far ``ts(eps)`` can be trusted; made by ``TaylorExpansion.trust(eps)``.
 
     - `value`: the order-`order` estimate ``ts(eps)`` (a pytree).
-    - `error_estimate`: estimated ``||theta_hat(eps) - ts(eps)||_2``.
-    - `relative_error`: `error_estimate` over ``||ts(eps) - value0||_2``.
+    - `error_estimate`: estimated ``||theta_hat(eps) - ts(eps)||_2``
+      (`truncation_error_estimate` with two more orders).
+    - `relative_error`: `error_estimate` over ``||ts(eps) - value0||_2``, the size
+      of the predicted change.
     - `step`: ``||eps - eps0||_2``.
-    - `radius`: estimated radius of convergence along ``eps - eps0`` in the same
-      units as `step` (the series converges for steps shorter than this).
+    - `radius`: estimated radius of convergence along ``eps - eps0``, in the units
+      of `step` (the series converges for steps shorter than this).
     - `radius_detail`: the `RadiusEstimate` in units of ``t`` (``t = 1`` at `eps`).
     - `beyond_radius`: ``step >= radius``.
-    - `pade_value`: the per-coordinate Padé approximant at `eps` (a second
-      opinion; a large gap to `value` means the series is not settled).
-    - `verdict`: ``"reliable"``, ``"check"`` or ``"unreliable"``.
+    - `resummed`: the per-coordinate Padé approximant of the series extended by
+      two orders, at `eps` (`error_estimate` is its distance to `value`).
+    - `verdict`: ``"reliable"`` (step under 0.7 of the radius and relative error
+      under 10%), ``"unreliable"`` (beyond the radius) or ``"check"``.
     """
 
     value: Any
@@ -431,20 +502,20 @@ class TrustReport:
     radius: float
     radius_detail: RadiusEstimate
     beyond_radius: bool
-    pade_value: Any
-    pade_gap: float
+    resummed: Any
     verdict: str
 
     def __repr__(self) -> str:
         frac = self.step / self.radius if self.radius > 0 else math.inf
+        detail = self.radius_detail
         lines = [
             f"TrustReport (order {self.order}, |eps - eps0| = {self.step:.4g})",
-            f"  estimate         {_describe(self.value)}",
-            f"  error estimate   {self.error_estimate:.3g}  (relative {self.relative_error:.3g})",
-            f"  radius           {self.radius:.4g}  (step is {frac:.2f} of it; root test "
-            f"{self.radius_detail.root * self.step:.3g}, ratio test {self.radius_detail.ratio * self.step:.3g})",
-            f"  Pade gap         {self.pade_gap:.3g}  (|Pade - Taylor|)",
-            f"  verdict          {self.verdict}: {_VERDICTS[self.verdict]}",
+            f"  estimate        {_describe(self.value)}",
+            f"  error estimate  {self.error_estimate:.3g}  (relative: {self.relative_error:.3g})",
+            f"  radius          {self.radius:.4g}  (the step is {frac:.2f} of it; ratio test "
+            f"{detail.ratio * self.step:.3g}, root test {detail.root * self.step:.3g})",
+            f"  resummed        {_describe(self.resummed)}  (Padé, order {self.order + EXTRA_ORDERS})",
+            f"  verdict         {self.verdict}: {_VERDICTS[self.verdict]}",
         ]
         return "\n".join(lines)
 
@@ -453,14 +524,13 @@ def _describe(value: Any) -> str:
     leaves = jax.tree_util.tree_leaves(value)
     if len(leaves) == 1 and np.size(leaves[0]) <= 6:
         return np.array2string(np.asarray(leaves[0]), precision=5)
-    shapes = jax.tree_util.tree_map(lambda x: f"{jnp.result_type(x)}{list(np.shape(x))}", value)
-    return str(shapes)
+    return str(jax.tree_util.tree_map(lambda x: f"{jnp.result_type(x)}{list(np.shape(x))}", value))
 
 
-def _verdict(beyond: bool, frac: float, relative_error: float) -> str:
+def _verdict(beyond: bool, fraction: float, relative_error: float) -> str:
     if beyond or not np.isfinite(relative_error):
         return "unreliable"
-    if frac > 0.7 or relative_error > 0.1:
+    if fraction > 0.7 or relative_error > 0.1:
         return "check"
     return "reliable"
 
@@ -473,13 +543,12 @@ def expansion_trust(ts, eps: Any) -> TrustReport:
     value0 = np.asarray(ts.out_layout.ravel(ts.value0))
     order = ts.order
     value_flat = value0 + coefficients[:order].sum(axis=0)
-    err = truncation_error_estimate(coefficients, order)
+    err = truncation_error_estimate(coefficients, order, value0)
     radius = estimate_radius(coefficients, value0)
     step = float(np.linalg.norm(np.asarray(d)))
     change = float(np.linalg.norm(value_flat - value0))
     relative = err / change if change > 0 else (0.0 if err == 0 else math.inf)
-    pade = pade_from_coefficients(value0, coefficients[:order], ts.out_layout)
-    pade_flat = np.asarray(ts.out_layout.ravel(pade(1.0)))
+    resummed = pade_from_coefficients(value0, coefficients, ts.out_layout)(1.0)
     beyond = bool(radius.radius <= 1.0)
     return TrustReport(
         value=ts.out_layout.unravel(jnp.asarray(value_flat)),
@@ -487,11 +556,10 @@ def expansion_trust(ts, eps: Any) -> TrustReport:
         error_estimate=err,
         relative_error=relative,
         step=step,
-        radius=radius.radius * step,
+        radius=radius.radius * step if step > 0 else math.inf,
         radius_detail=radius,
         beyond_radius=beyond,
-        pade_value=ts.out_layout.unravel(jnp.asarray(pade_flat)),
-        pade_gap=float(np.linalg.norm(pade_flat - value_flat)),
+        resummed=resummed,
         verdict=_verdict(beyond, 1.0 / radius.radius if radius.radius > 0 else math.inf, relative),
     )
 
@@ -562,10 +630,12 @@ class ValidationTable:
 
     Columns per `eps`: the step ``||eps - eps0||``, the true error
     ``||ts(eps) - refit||``, the error estimate beside it and their ratio, the
-    estimated radius along ``eps - eps0`` (in units of the step), the beyond-radius
-    flag, whether the series fails there (its order-``K`` error is no smaller than
-    its order-``floor(K/2)`` error: adding terms did not help), and the error of the
-    Padé approximant. ``predicted`` and ``exact`` hold the flat vectors.
+    estimated radius along ``eps - eps0`` (in the units of the step), the
+    beyond-radius flag, whether the series fails there (with the ``N = K + 2``
+    orders computed for the estimates, its order-``N`` partial sum is no closer to
+    the refit than its order-``floor(N/2)`` one: more terms do not help), and the
+    error of the order-``K`` Padé approximant. ``predicted`` and ``exact`` hold the
+    flat vectors.
     """
 
     order: int
@@ -693,11 +763,12 @@ def validate_expansion(
         if not np.all(np.isfinite(exact)):
             raise NonFiniteError(f"the refit at eps={eps!r} returned non-finite values.")
         coefficients = extended_coefficients(ts, d)
-        partial = value0 + np.cumsum(coefficients[:order], axis=0)
-        predicted = partial[-1]
+        partial = value0 + np.cumsum(coefficients, axis=0)
+        predicted = partial[order - 1]
         true_error = float(np.linalg.norm(predicted - exact))
-        half = order // 2
-        half_error = float(np.linalg.norm((partial[half - 1] if half > 0 else value0) - exact))
+        longest = coefficients.shape[0]
+        error_longest = float(np.linalg.norm(partial[longest - 1] - exact))
+        error_half = float(np.linalg.norm(partial[longest // 2 - 1] - exact))
         radius = estimate_radius(coefficients, value0)
         pade = pade_from_coefficients(value0, coefficients[:order], ts.out_layout)
         pade_flat = np.asarray(ts.out_layout.ravel(pade(1.0)))
@@ -709,10 +780,10 @@ def validate_expansion(
                 predicted=predicted,
                 exact=exact,
                 true_error=true_error,
-                error_estimate=truncation_error_estimate(coefficients, order),
+                error_estimate=truncation_error_estimate(coefficients, order, value0),
                 radius=radius.radius * step,
                 beyond_radius=bool(radius.radius <= 1.0),
-                series_fails=bool(true_error >= half_error),
+                series_fails=bool(error_longest >= error_half),
                 pade_error=float(np.linalg.norm(pade_flat - exact)),
             )
         )

@@ -250,24 +250,23 @@ def _fold_sums(model: _Model, th, data, idx, coef, chunk: int, want_h: bool):
 
 @eqx.filter_jit
 def _fold_step_kernel(
-    model: _Model, solver: HessianSolver, th, g0, h, data, idx, coef, chunk: int, batch: int, newton: bool
+    model: _Model, solver: HessianSolver, th, g0, h, data, idx, coef, chunk: int, newton: bool
 ):
     """Per fold (rows of `idx`, `coef`): the IJ step ``-H^{-1} g_S`` or the Newton step
     ``-(H + H_S)^{-1} (G0 + g_S)`` with ``g_S = sum_j coef_j g_{idx_j}`` (coef = -w on the fold)."""
 
-    def one(x):
-        i, c = x
+    def one(i, c):
         g_s, h_s = _fold_sums(model, th, data, i, c, chunk, newton)
         if not newton:
             return -solver.solve(g_s)
         return -_dense_solve(h + h_s, g0 + g_s, model.kind == "loss")
 
-    return lax.map(one, (idx, coef), batch_size=batch)
+    return jax.vmap(one)(idx, coef)
 
 
 @eqx.filter_jit
 def _bootstrap_step_kernel(
-    model: _Model, solver: HessianSolver, th, g0, h, data, w, keys, chunk: int, batch: int, newton: bool
+    model: _Model, solver: HessianSolver, th, g0, h, data, w, keys, chunk: int, newton: bool
 ):
     """Per bootstrap draw: the IJ or Newton step along ``delta = w (counts - 1)``."""
     n = w.shape[0]
@@ -280,7 +279,7 @@ def _bootstrap_step_kernel(
         g_s, h_s = _chunked_sum(lambda d, c: model.weighted_gh(th, d, c), data, delta, chunk)
         return -_dense_solve(h + h_s, g0 + g_s, model.kind == "loss")
 
-    return lax.map(one, keys, batch_size=batch)
+    return jax.vmap(one)(keys)
 
 
 def _dense_solve(a, b, symmetric: bool):
@@ -317,15 +316,15 @@ def _series(eq: EstimatingEquation, order: int, method: str) -> jax.Array:
 
 
 @eqx.filter_jit
-def _engine_fold_kernel(eq: EstimatingEquation, order: int, method: str, idx, delta, batch: int):
-    """Taylor coefficients of every fold, (F, K, D); the fold is a traced argument."""
+def _engine_fold_kernel(eq: EstimatingEquation, order: int, method: str, idx, delta):
+    """Taylor coefficients of a block of folds, (F, K, D); the fold is a traced argument."""
     data, w = eq.args[0], eq.args[1]
-    return lax.map(lambda x: _series(_with_args(eq, (data, w, x[0], x[1])), order, method), (idx, delta), batch_size=batch)
+    return jax.vmap(lambda i, d: _series(_with_args(eq, (data, w, i, d)), order, method))(idx, delta)
 
 
 @eqx.filter_jit
-def _engine_bootstrap_kernel(eq: EstimatingEquation, order: int, method: str, keys, batch: int):
-    """Taylor coefficients of every bootstrap draw, (B, K, D)."""
+def _engine_bootstrap_kernel(eq: EstimatingEquation, order: int, method: str, keys):
+    """Taylor coefficients of a block of bootstrap draws, (B, K, D)."""
     data, w = eq.args[0], eq.args[1]
     n = w.shape[0]
 
@@ -333,20 +332,39 @@ def _engine_bootstrap_kernel(eq: EstimatingEquation, order: int, method: str, ke
         delta = w * (_draw_counts(key, n) - 1).astype(w.dtype)
         return _series(_with_args(eq, (data, w, None, delta)), order, method)
 
-    return lax.map(one, keys, batch_size=batch)
+    return jax.vmap(one)(keys)
 
 
 @eqx.filter_jit
-def _held_out_loss_kernel(loss_fn, layout: TreeLayout, thetas, data, idx, weights, batch: int):
-    """``sum_j weights_j loss_fn(theta_f, datum_{idx_j})`` for every fold f."""
+def _held_out_loss_kernel(loss_fn, layout: TreeLayout, thetas, data, idx, weights):
+    """``sum_j weights_j loss_fn(theta_f, datum_{idx_j})`` for a block of folds."""
 
-    def one(x):
-        th, i, c = x
+    def one(th, i, c):
         sub = jax.tree_util.tree_map(lambda a: a[i], data)
         theta = layout.unravel(th)
         return jnp.sum(c * jax.vmap(lambda d: loss_fn(theta, d))(sub))
 
-    return lax.map(one, (thetas, idx, weights), batch_size=batch)
+    return jax.vmap(one)(thetas, idx, weights)
+
+
+def _block_size(rows: int, per_row: int) -> int:
+    """Rows (folds, draws) per compiled block: as many as `_CHUNK_BUDGET` allows, and
+    for fewer rows the next power of two, so a kernel compiles once per block size,
+    not once per number of folds."""
+    cap = int(max(1, _CHUNK_BUDGET // max(per_row, 1)))
+    return min(cap, 1 << max(0, (rows - 1).bit_length()))
+
+
+def _map_blocks(kernel: Callable, rows: tuple, per_row: int):
+    """``kernel(*block)`` over blocks of the leading axis of `rows` (padded with copies
+    of the first row, then cut back), concatenated."""
+    n = int(rows[0].shape[0])
+    block = _block_size(n, per_row)
+    pad = (-n) % block
+    if pad:
+        rows = tuple(jnp.concatenate([r, jnp.repeat(r[:1], pad, axis=0)]) for r in rows)
+    outs = [kernel(*(r[s : s + block] for r in rows)) for s in range(0, n + pad, block)]
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs))[:n]
 
 
 # --------------------------------------------------------------- validation
@@ -357,7 +375,9 @@ def _leaf_name(path) -> str:
 def _check_data(data: Any) -> tuple[Any, int]:
     leaves_with_path = jax.tree_util.tree_flatten_with_path(data)[0]
     if not leaves_with_path:
-        raise OptsensError("`data` has no arrays in it; pass a pytree of arrays with a leading observation axis.")
+        raise OptsensError(
+            "`data` has no arrays in it; pass a pytree of arrays with a leading observation axis."
+        )
     converted, n_obs = [], None
     for path, leaf in leaves_with_path:
         try:
@@ -404,7 +424,9 @@ def _check_weights(weights: Any, n_obs: int, dtype) -> jax.Array:
             f"{arr.shape}."
         )
     if not np.all(np.isfinite(arr)):
-        raise NonFiniteError(f"`weights` has non-finite entries at {np.flatnonzero(~np.isfinite(arr))[:5].tolist()}.")
+        raise NonFiniteError(
+            f"`weights` has non-finite entries at {np.flatnonzero(~np.isfinite(arr))[:5].tolist()}."
+        )
     if np.any(arr < 0):
         raise OptsensError(
             f"`weights` must be non-negative; entries {np.flatnonzero(arr < 0)[:5].tolist()} are negative."
@@ -434,9 +456,10 @@ def _check_function(fn, kind: str, theta0, data) -> None:
                 f"{jax.tree_util.tree_map(lambda s: s.shape, out)}. optsens vmaps it over observations."
             )
         return
-    if TreeLayout.of(out).treedef != TreeLayout.of(theta0).treedef or tuple(
-        s.shape for s in jax.tree_util.tree_leaves(out)
-    ) != TreeLayout.of(theta0).shapes:
+    if (
+        TreeLayout.of(out).treedef != TreeLayout.of(theta0).treedef
+        or tuple(s.shape for s in jax.tree_util.tree_leaves(out)) != TreeLayout.of(theta0).shapes
+    ):
         raise OptsensError(
             "`g(theta, datum)` must return a pytree shaped like `theta0` (one observation's estimating "
             f"function); it returned {jax.tree_util.tree_map(lambda s: s.shape, out)}, `theta0` is "
@@ -468,8 +491,8 @@ def _check_order(order: Any) -> int:
     return int(order)
 
 
-def _batch(rows: int, per_row: int) -> int:
-    return int(max(1, min(rows, _CHUNK_BUDGET // max(per_row, 1))))
+def _default_chunk(n_obs: int, d: int) -> int:
+    return int(max(1, min(n_obs, _CHUNK_BUDGET // max(d * d, 1))))
 
 
 # ---------------------------------------------------------------- MEstimator
@@ -557,7 +580,7 @@ class MEstimator:
         _check_function(g, _kind, theta0, data)
         _check_penalty(penalty, _kind, theta0)
         if chunk_size is None:
-            chunk_size = _batch(n_obs, layout.size * layout.size)
+            chunk_size = _default_chunk(n_obs, layout.size)
         elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
             raise OptsensError(f"`chunk_size` must be a positive integer; got {chunk_size!r}.")
         self._model = _Model(g, _kind, penalty, layout)
@@ -642,10 +665,9 @@ class MEstimator:
 
     def __repr__(self) -> str:
         shapes = jax.tree_util.tree_map(lambda x: f"{x.dtype}{list(x.shape)}", self._theta0)
+        base = self._base_cache
         checked = (
-            f", newton_step={self._base_cache.newton_step_norm:.2e}, cond={self._base_cache.condition_number:.2e}"
-            if self._base_cache is not None
-            else ""
+            f", newton_step={base.newton_step_norm:.2e}, cond={base.condition_number:.2e}" if base else ""
         )
         return (
             f"MEstimator(kind={self.kind}, n_obs={self._n_obs}, theta={shapes}, "
@@ -681,7 +703,13 @@ class MEstimator:
         start = self._theta0 if theta_init is None else as_float_tree(theta_init, "theta_init")
         fn, objective = self._objective_and_kind()
         solution = newton_solve(
-            fn, start, 0.0, args=(self._data, self._weights), objective=objective, tol=tol, max_steps=max_steps
+            fn,
+            start,
+            0.0,
+            args=(self._data, self._weights),
+            objective=objective,
+            tol=tol,
+            max_steps=max_steps,
         )
         return self._replace(theta0=solution)
 
@@ -693,10 +721,13 @@ class MEstimator:
         g0_np, h_np = np.asarray(g0), np.asarray(h)
         names = self._model.theta.leaf_names()
         if not np.all(np.isfinite(h_np)) or not np.all(np.isfinite(g0_np)):
-            rows = sorted(set(np.nonzero(~np.isfinite(h_np))[0].tolist()) | set(np.flatnonzero(~np.isfinite(g0_np))))
+            rows = sorted(
+                set(np.nonzero(~np.isfinite(h_np))[0].tolist()) | set(np.flatnonzero(~np.isfinite(g0_np)))
+            )
             raise NonFiniteError(
-                f"G or H = dG/dtheta at theta0 is not finite (in the rows of {[names[i] for i in rows[:5]]}). "
-                "Check theta0 and the model for overflow (log of 0, exp of a large number)."
+                f"G or H = dG/dtheta at theta0 is not finite (in the rows of "
+                f"{[names[i] for i in rows[:5]]}). Check theta0 and the model for overflow (log of 0, "
+                "exp of a large number)."
             )
         if self._model.kind == "loss":
             solver: HessianSolver = CholeskySolver.factorise(h)
@@ -704,8 +735,9 @@ class MEstimator:
                 eigvals = np.linalg.eigvalsh((h_np + h_np.T) / 2)
                 scale = max(float(np.max(np.abs(eigvals))), np.finfo(float).tiny)
                 if eigvals[0] < -1e-10 * scale:
+                    n_negative = int(np.sum(eigvals < -1e-10 * scale))
                     raise IndefiniteHessianError(
-                        f"The Hessian of the total loss at theta0 has {int(np.sum(eigvals < -1e-10 * scale))} "
+                        f"The Hessian of the total loss at theta0 has {n_negative} "
                         f"negative eigenvalues (smallest {eigvals[0]:.3g}): theta0 is not a minimum. Call "
                         "`.fit()` (optsens expects a minimum of sum_n w_n loss_n + penalty)."
                     )
@@ -800,7 +832,13 @@ class MEstimator:
             idx = jnp.zeros((1,), jnp.int32)
             delta = jnp.zeros((1,), self._theta0_flat.dtype)
             eq = _build_equation(
-                _WeightPath(self._model), self._model.kind, self._theta0, self._data, self._weights, idx, delta
+                _WeightPath(self._model),
+                self._model.kind,
+                self._theta0,
+                self._data,
+                self._weights,
+                idx,
+                delta,
             )
             self._equation_cache = _with_args(eq, (self._data, self._weights, idx, delta))
         return self._equation_cache
@@ -828,7 +866,9 @@ class MEstimator:
     def _resolve_method(self, eq: EstimatingEquation, order: int, taylor_method: str) -> str:
         return taylor_expansion(eq, order, taylor_method).method_used
 
-    def leave_out_coefficients(self, folds: Any = "loo", order: int = 2, *, taylor_method: str = "auto") -> Any:
+    def leave_out_coefficients(
+        self, folds: Any = "loo", order: int = 2, *, taylor_method: str = "auto"
+    ) -> Any:
         """The Taylor coefficients ``theta_1, ..., theta_K`` of ``theta_hat`` along each
         fold's path ``w(t) = w - t w 1_S`` (so ``theta_hat(-S) ~ theta0 + sum_k theta_k``).
 
@@ -848,9 +888,13 @@ class MEstimator:
         eq = self._equation()
         idx = jnp.asarray(fi.index, jnp.int32)
         delta = self._fold_coef(fi)
-        method = self._resolve_method(_with_args(eq, (self._data, self._weights, idx[0], delta[0])), order, taylor_method)
-        batch = _batch(fi.n_folds, self._n_obs * (order + 1) * max(1, self._model.theta.size // 4))
-        out = _engine_fold_kernel(eq, order, method, idx, delta, batch)
+        method = self._resolve_method(
+            _with_args(eq, (self._data, self._weights, idx[0], delta[0])), order, taylor_method
+        )
+        # the engine runs the Taylor recursion over the full data for each fold: a block
+        # of folds holds about N (K + 1) values per fold and intermediate
+        per_fold = self._n_obs * (order + 1) * max(1, self._model.theta.size // 4)
+        out = _map_blocks(lambda i, c: _engine_fold_kernel(eq, order, method, i, c), (idx, delta), per_fold)
         self._check_finite_result(out, "leave_out")
         return out
 
@@ -912,19 +956,15 @@ class MEstimator:
         d = self._model.theta.size
         m = int(fi.index.shape[1])
         per_fold = min(m, self._chunk) * d * (d if newton else 1) + (d * d if newton else 0)
-        out = _fold_step_kernel(
-            self._model,
-            base.solver,
-            self._theta0_flat,
-            base.g0,
-            base.hessian,
-            self._data,
-            jnp.asarray(fi.index, jnp.int32),
-            self._fold_coef(fi),
-            min(self._chunk, m),
-            _batch(fi.n_folds, per_fold),
-            newton,
-        )
+        chunk = min(self._chunk, m)
+
+        def kernel(idx, coef):
+            return _fold_step_kernel(
+                self._model, base.solver, self._theta0_flat, base.g0, base.hessian, self._data,
+                idx, coef, chunk, newton,
+            )  # fmt: skip
+
+        out = _map_blocks(kernel, (jnp.asarray(fi.index, jnp.int32), self._fold_coef(fi)), per_fold)
         self._check_finite_result(out, "leave_out")
         return out
 
@@ -958,15 +998,20 @@ class MEstimator:
             resolved = self._resolve_method(
                 _with_args(eq, (self._data, self._weights, None, delta0)), order, taylor_method
             )
-            batch = _batch(int(n_draws), self._n_obs * (order + 1) * max(1, d // 4))
-            out = jnp.sum(_engine_bootstrap_kernel(eq, order, resolved, keys, batch), axis=1)
+            per_draw = self._n_obs * (order + 1) * max(1, d // 4)
+            kernel = lambda k: _engine_bootstrap_kernel(eq, order, resolved, k)  # noqa: E731
+            out = jnp.sum(_map_blocks(kernel, (keys,), per_draw), axis=1)
         else:
             newton = method == "newton"
-            batch = _batch(int(n_draws), self._n_obs * (d if newton else 1))
-            out = _bootstrap_step_kernel(
-                self._model, base.solver, self._theta0_flat, base.g0, base.hessian, self._data,
-                self._weights, keys, self._chunk, batch, newton,
-            )  # fmt: skip
+            per_draw = min(self._n_obs, self._chunk) * d * (d if newton else 1)
+
+            def kernel(k):
+                return _bootstrap_step_kernel(
+                    self._model, base.solver, self._theta0_flat, base.g0, base.hessian, self._data,
+                    self._weights, k, self._chunk, newton,
+                )  # fmt: skip
+
+            out = _map_blocks(kernel, (keys,), per_draw)
         self._check_finite_result(out, "bootstrap")
         return self._model.theta.unravel(self._theta0_flat + out)
 
@@ -1003,7 +1048,9 @@ class MEstimator:
                 )
             loss_fn = self._model.fn
         elif not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be a function (theta, datum) -> scalar; got {type(loss_fn).__name__}.")
+            raise TypeError(
+                f"`loss_fn` must be a function (theta, datum) -> scalar; got {type(loss_fn).__name__}."
+            )
         if method not in _CV_METHODS:
             raise OptsensError(f"`method` must be one of {_CV_METHODS}; got {method!r}.")
         fi = self._fold_index(folds)
@@ -1014,10 +1061,12 @@ class MEstimator:
             thetas = self._leave_out_flat(fi, order, method)
         w = np.asarray(self._weights)
         held = jnp.asarray(np.where(fi.valid, w[fi.index], 0.0), self._theta0_flat.dtype)
-        batch = _batch(fi.n_folds, int(fi.index.shape[1]) * self._model.theta.size)
-        sums = _held_out_loss_kernel(
-            loss_fn, self._model.theta, thetas, self._data, jnp.asarray(fi.index, jnp.int32), held, batch
-        )
+        row_size = int(fi.index.shape[1]) * self._model.theta.size
+
+        def kernel(th, idx, c):
+            return _held_out_loss_kernel(loss_fn, self._model.theta, th, self._data, idx, c)
+
+        sums = _map_blocks(kernel, (thetas, jnp.asarray(fi.index, jnp.int32), held), row_size)
         if per_fold:
             return sums / jnp.sum(held, axis=1)
         return jnp.sum(sums) / jnp.sum(held)
@@ -1064,8 +1113,8 @@ class MEstimator:
             self._model.fn,
             self._model.kind,
             self._model.penalty,
-            jax.tree_util.tree_map(np.asarray, self._theta0),
-            jax.tree_util.tree_map(np.asarray, self._data),
+            self._theta0,
+            self._data,  # JAX arrays: no transfer per refit; they pickle for process pools
             np.asarray(self._weights),
             bool(jax.config.jax_enable_x64),
             float(tol),
@@ -1111,8 +1160,18 @@ class _RefitPayload:
     tol: float
     max_steps: int
 
+    def __reduce__(self):
+        # Pickle arrays as NumPy: a worker process must switch on float64 (x64) before it
+        # makes JAX arrays, or they would be truncated to float32 on unpickling.
+        to_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
+        fields = tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        fields = fields[:3] + (to_numpy(self.theta0), to_numpy(self.data)) + fields[5:]
+        return (_RefitPayload, fields)
 
-def _refit_one(payload: _RefitPayload, fold_number: int, members: np.ndarray, start: np.ndarray) -> np.ndarray:
+
+def _refit_one(
+    payload: _RefitPayload, fold_number: int, members: np.ndarray, start: np.ndarray
+) -> np.ndarray:
     if bool(jax.config.jax_enable_x64) != payload.x64:
         jax.config.update("jax_enable_x64", payload.x64)
     model = _Model(payload.fn, payload.kind, payload.penalty, TreeLayout.of(payload.theta0))
@@ -1134,8 +1193,12 @@ def _refit_one(payload: _RefitPayload, fold_number: int, members: np.ndarray, st
     return np.asarray(model.theta.ravel(solution))
 
 
-def _refit_group(payload: _RefitPayload, fold_numbers: Sequence[int], rows: Sequence[np.ndarray], starts) -> np.ndarray:
-    return np.stack([_refit_one(payload, int(f), r, s) for f, r, s in zip(fold_numbers, rows, starts, strict=True)])
+def _refit_group(
+    payload: _RefitPayload, fold_numbers: Sequence[int], rows: Sequence[np.ndarray], starts
+) -> np.ndarray:
+    return np.stack(
+        [_refit_one(payload, int(f), r, s) for f, r, s in zip(fold_numbers, rows, starts, strict=True)]
+    )
 
 
 class _NoBar:
@@ -1152,4 +1215,3 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="refits", unit="fold")
-
