@@ -107,19 +107,21 @@ def section_scale(n, d):
 
 
 # ---------------------------------------------------------------- statsmodels
-def section_statsmodels(sizes, d, n_sub):
+def section_statsmodels(sizes, d, refit_budget):
     import statsmodels.api as sm
     from statsmodels.stats.outliers_influence import OLSInfluence
 
     print(
-        f"\n## 2. Against statsmodels (D = {d}); exact-refit loops timed on {n_sub} refits, extrapolated to N"
+        f"\n## 2. Against statsmodels (D = {d}); exact-refit loops timed on max(5, {refit_budget:,} / N) "
+        "refits, extrapolated to N"
     )
     header = f"{'N':>8} {'quantity':<46} {'statsmodels':>12} {'optsens':>10} {'ratio':>8}"
     print(header)
     for n in sizes:
+        n_sub = max(5, refit_budget // n)
         x, y = logistic_data(n, d, seed=1)
         res = sm.GLM(y, x, family=sm.families.Binomial()).fit(tol=1e-12)
-        t_sm = best_of(lambda res=res: res.get_influence().params_one, repeat=2)
+        t_sm = best_of(lambda res=res: res.get_influence().params_one, repeat=5)
         warm = optsens.MEstimator.from_statsmodels(res)
         block(warm.leave_out("loo", method="newton"))  # compile
 
@@ -127,14 +129,14 @@ def section_statsmodels(sizes, d, n_sub):
             model = optsens.MEstimator.from_statsmodels(res, polish=False)
             return block(model.leave_out("loo", method="newton"))
 
-        t_ours = best_of(ours, repeat=2)
+        t_ours = best_of(ours, repeat=5)
         agree = np.abs(np.asarray(ours()) - res.get_influence().params_one).max()
         print(
             f"{n:>8} {'GLM logistic LOO one-step (params_one)':<46} {t_sm:>11.3f}s {t_ours:>9.3f}s "
             f"{t_sm / t_ours:>7.1f}x   (max |diff| {agree:.1e})"
         )
         t_ours_infl = best_of(
-            lambda res=res: block(optsens.MEstimator.from_statsmodels(res, polish=False).influence()), 2
+            lambda res=res: block(optsens.MEstimator.from_statsmodels(res, polish=False).influence()), 5
         )
         print(f"{n:>8} {'GLM logistic influence() (all d theta/d w_n)':<46} {'':>12} {t_ours_infl:>9.3f}s")
 
@@ -175,7 +177,7 @@ def section_statsmodels(sizes, d, n_sub):
             model = optsens.MEstimator.from_statsmodels(ols, polish=False)
             return block(model.leave_out("loo", method="newton"))
 
-        t_ols = best_of(ours_ols, repeat=2)
+        t_ols = best_of(ours_ols, repeat=5)
         if n <= 2000:
             dfbeta = infl.dfbeta
             agree = np.abs(ols.params - np.asarray(ours_ols()) - dfbeta).max()
@@ -223,6 +225,9 @@ def section_breast_cancer(n_folds):
         z = np.sum(data["x"][folds[:, 0]] * thetas, axis=1)
         return float(np.mean(np.logaddexp(0.0, z) - data["y"][folds[:, 0]] * z))
 
+    # Observations far from the boundary have essentially no influence (changes ~1e-15):
+    # relative errors are taken over the folds whose exact change is not negligible.
+    moved = change > 1e-8 * np.linalg.norm(th0)
     rows = [("exact refits", exact, t_exact)]
     for k in (1, 2, 3):
         rows.append((f"IJ order {k}", th0 + coeffs[:, :k].sum(axis=1), t_ij1 if k == 1 else t_series_warm))
@@ -230,13 +235,14 @@ def section_breast_cancer(n_folds):
     columns = ("mean LOO log-loss", "median rel. error", "max rel. error")
     print(f"{'method':<20} {columns[0]:>18} {columns[1]:>18} {columns[2]:>15} {'time':>9}")
     for name, thetas, t in rows:
-        rel = np.linalg.norm(thetas - exact, axis=1) / change
+        rel = (np.linalg.norm(thetas - exact, axis=1) / np.maximum(change, 1e-300))[moved]
         med = "-" if name.startswith("exact") else f"{np.median(rel):.2e}"
         mx = "-" if name.startswith("exact") else f"{np.max(rel):.2e}"
         print(f"{name:<20} {loo_logloss(thetas):>18.6f} {med:>18} {mx:>15} {t:>8.3f}s")
     print(
-        f"(relative error = |theta_approx - theta_exact| / |theta_exact - theta0| per fold; order-3 "
-        f"series incl. compilation: {t_series:.2f} s; exact refits are warm-started Newton)"
+        f"(relative error = |theta_approx - theta_exact| / |theta_exact - theta0| per fold, over the "
+        f"{int(moved.sum())} folds whose exact change exceeds 1e-8 |theta0|; order-3 series incl. "
+        f"compilation: {t_series:.2f} s; exact refits are warm-started Newton)"
     )
 
 
@@ -251,11 +257,11 @@ def main(argv=None):
     )
     if args.quick:
         ratio = section_scale(20_000, 20)
-        section_statsmodels([2_000], 10, 20)
+        section_statsmodels([2_000], 10, 40_000)
         section_breast_cancer(60)
     else:
         ratio = section_scale(1_000_000, 20)
-        section_statsmodels([10_000, 100_000], 10, 100)
+        section_statsmodels([10_000, 100_000], 10, 1_000_000)
         section_breast_cancer(None)
     print(f"\nscale ratio influence(qoi) / (Hessian + gradient): {ratio:.2f}x")
 

@@ -277,12 +277,13 @@ def summarise(records, counts, no_refit_flags, seconds, seed):
             f"- {n_fail} further steps had no solution on the path (the refit found none: weights "
             f"so negative that the optimum disappears); the flag was raised for ({flagged}) of them."
         )
-    fails = [r for r in records if r["fails"]]
+    fails = [r for r in records if r["fails"] and r["order"] >= 2]
     if fails:
         better = sum(r["pade_error"] < r["true_error"] for r in fails)
         lines.append(
-            f"- Where the series fails, the Padé approximant of the same order is closer to the refit "
-            f"than the series in {_pct(better, len(fails))} cases."
+            f"- Where the series fails (orders K >= 2; at K = 1 Padé is the series), "
+            f"`ts(eps, resum='pade')` is closer to the refit than `ts(eps)` in "
+            f"{_pct(better, len(fails))} cases."
         )
     lines += [
         "",

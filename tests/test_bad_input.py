@@ -151,9 +151,7 @@ def test_pytree_mismatch_with_pytree_eps():
     def g(theta, eps):
         return {"a": theta["a"] - eps["s"], "b": theta["b"] + eps["s"] * eps["m"].sum()}
 
-    eq = optsens.EstimatingEquation(
-        g, {"a": jnp.zeros(2), "b": jnp.zeros(1)}, {"s": 0.0, "m": jnp.zeros(2)}
-    )
+    eq = optsens.EstimatingEquation(g, {"a": jnp.zeros(2), "b": jnp.zeros(1)}, {"s": 0.0, "m": jnp.zeros(2)})
     ts = optsens.taylor_expansion(eq, 2)
     ts({"s": 0.1, "m": jnp.ones(2)})  # fine
     with pytest.raises(optsens.OptsensError, match=r"expected structure .* got .*shapes \[\(3,\), \(\)\]"):

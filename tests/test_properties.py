@@ -54,7 +54,10 @@ def simulate(seed, family):
     else:
         y = rng.poisson(np.exp(z)).astype(float)
     eps0 = {"w": jnp.ones(N), "log_lam": jnp.asarray(rng.uniform(-1.0, 1.0))}
-    direction = {"w": jnp.asarray(rng.standard_normal(N) / math.sqrt(N)), "log_lam": jnp.asarray(rng.normal())}
+    direction = {
+        "w": jnp.asarray(rng.standard_normal(N) / math.sqrt(N)),
+        "log_lam": jnp.asarray(rng.normal()),
+    }
     return jnp.asarray(x), jnp.asarray(y), eps0, direction
 
 
@@ -141,7 +144,9 @@ def test_shifted_theta0_always_raises(seed, family):
     shift = rng.standard_normal(D)
     shift *= 1e-3 * max(1.0, float(jnp.max(jnp.abs(eq.theta0)))) / np.abs(shift).max()
     with pytest.raises(optsens.NotASolutionError, match="does not solve the equation"):
-        optsens.EstimatingEquation.from_objective(OBJECTIVES[family], eq.theta0 + shift, eq.eps0, args=eq.args)
+        optsens.EstimatingEquation.from_objective(
+            OBJECTIVES[family], eq.theta0 + shift, eq.eps0, args=eq.args
+        )
 
 
 def _unpenalised(theta, w, x, y):

@@ -296,7 +296,7 @@ def test_statsmodels_ols_dfbeta_is_the_newton_step():
     np.testing.assert_allclose(MEstimator.from_statsmodels(wls).theta, wls.params, rtol=1e-10)
 
 
-@pytest.mark.parametrize("family", ["binomial", "poisson"])
+@pytest.mark.parametrize("family", ["binomial", "poisson", "logit"])
 def test_statsmodels_glm_params_one_is_the_newton_step(family):
     rng = np.random.default_rng(5)
     n = 80
@@ -304,11 +304,14 @@ def test_statsmodels_glm_params_one_is_the_newton_step(family):
     if family == "binomial":
         y = (rng.random(n) < 1 / (1 + np.exp(-x @ np.array([0.2, 1.0, -0.7])))).astype(float)
         res = sm.GLM(y, x, family=sm.families.Binomial()).fit(tol=1e-13)
+    elif family == "logit":  # discrete Logit: get_influence() is MLEInfluence, same definitions
+        y = (rng.random(n) < 1 / (1 + np.exp(-x @ np.array([0.2, 1.0, -0.7])))).astype(float)
+        res = sm.Logit(y, x).fit(disp=0, tol=1e-13)
     else:
         exposure = np.exp(0.2 * rng.standard_normal(n))
         y = rng.poisson(exposure * np.exp(x @ np.array([0.1, 0.5, -0.3]))).astype(float)
         res = sm.GLM(y, x, family=sm.families.Poisson(), exposure=exposure).fit(tol=1e-13)
-    infl = res.get_influence()  # GLMInfluence
+    infl = res.get_influence()  # GLMInfluence (MLEInfluence for Logit)
     model = MEstimator.from_statsmodels(res)
     newton = np.asarray(model.leave_out("loo", method="newton"))
     # GLMInfluence.params_one = params - d_params, d_params = H^{-1} g_i / (1 - h_ii) (canonical

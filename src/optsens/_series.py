@@ -5,23 +5,38 @@ normalised Taylor coefficients along a path ``x(t) = x_0 + x_1 t + ... + x_K t^K
 (so ``x_k = (1/k!) d^k x / dt^k``). Given the series of the inputs of ``f``,
 :func:`propagate_series` returns the series of ``f(x(t))`` exactly (to rounding).
 
-It interprets the jaxpr of ``f`` one equation at a time:
+The work is done *online*, one order at a time, by `SeriesState`: it holds the
+coefficients ``0..k`` of every intermediate value of the jaxpr of ``f`` and extends
+them all to order ``k + 1`` given the inputs' coefficient ``k + 1``. Each coefficient
+is computed once, so order ``K`` costs ``O(K^2)`` convolution terms in all, and the
+inputs' newest coefficient may be supplied late: `SeriesState.correct` adds a
+change of the newest input coefficients to every intermediate value (the newest
+coefficient of any value is affine in the newest input coefficients). That is what
+the implicit recursion of `taylor_expansion` needs: ``theta_k`` is known only after
+the ``t^k`` coefficient of ``G`` has been computed with ``theta_k = 0``.
 
-- an equation none of whose inputs carries a series is evaluated as is;
-- ``jit`` sub-jaxprs are interpreted recursively;
-- a primitive with a rule in ``jax.experimental.jet`` uses that rule (the rules work
-  on normalised coefficients);
-- ``mul`` and ``dot_general`` with one constant operand are linear: one product per
-  coefficient instead of jet's convolution;
+Per equation of the jaxpr:
+
+- no input carries a series: evaluated once, constant along the path;
+- ``jit`` sub-jaxprs and ``custom_vjp`` functions (whose primal computation is
+  followed) are interpreted recursively, in step;
+- linear primitives (``add``, ``reshape``, ``dot_general`` or ``mul`` with one
+  constant operand, ...) map the newest coefficient alone; ``mul``/``dot_general``
+  of two series is a convolution; ``div``, ``exp`` and ``log`` use their classical
+  recurrences on the output's own coefficients;
+- other primitives with a rule in ``jax.experimental.jet`` use that rule (which
+  works on normalised coefficients) and keep its newest coefficient;
 - everything else — functions with custom JVP rules (``logaddexp``, ``softplus``,
   user rules), primitives that jet lacks (``lgamma``, ``digamma``, ``while``,
   ``cond``, ...) — goes through *the JVP rule*: for ``y = f(x)``,
-  ``y'(t) = J_f(x(t)) x'(t)``, so the series of ``y'`` is the Taylor-mode image of
-  ``f``'s JVP at order ``K - 1`` applied to the series of ``x`` and of
-  ``x' = [x_1, 2 x_2, ..., K x_K]``, and ``y_k = (y')_{k-1} / k``. The JVP calls ``f``
-  again for its primal, one order lower, so the recursion ends at order 0 with a
-  plain evaluation. This uses the function's own JVP rule (not its primal code),
-  so it is exact at kinks and ties too (``softplus'(0) = 1/2``).
+  ``y'(t) = J_f(x(t)) x'(t)``, so ``y_k = (y')_{k-1} / k`` where the series of ``y'``
+  is the Taylor-mode image of ``f``'s JVP applied to the series of ``x`` and of
+  ``x' = [x_1, 2 x_2, ..., K x_K]``, one order behind. The JVP is itself
+  interpreted online; where it calls ``f`` again on the same inputs for its primal
+  (``logaddexp``'s rule does), that call *is* ``y``, whose lower coefficients are
+  already known, so it is read instead of recursing. This uses the function's own
+  JVP rule (not its primal code), so it is exact at kinks and ties too
+  (``softplus'(0) = 1/2``).
 
 Inputs without a series stay constant: they are never differentiated, so integer
 arguments (the order of ``polygamma``) are safe.
@@ -29,6 +44,7 @@ arguments (the order of ``polygamma``) are safe.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,10 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import core as jax_core, custom_derivatives as _custom, pjit as _pjit
+from jax._src import ad_util as _ad_util, core as jax_core, custom_derivatives as _custom, pjit as _pjit
 from jax.experimental import jet as _jet
 
-__all__ = ["propagate_series", "propagate_function_series"]
+__all__ = ["SeriesState", "propagate_series", "propagate_function_series"]
 
 Series = list[Any] | None  # None: the value is constant along the path
 
@@ -49,6 +65,20 @@ _CUSTOM_VJP = _custom.custom_vjp_call_p
 # Bilinear primitives: linear in each argument, so one constant operand makes the
 # whole product linear in the other.
 _BILINEAR = {lax.mul_p, lax.dot_general_p}
+
+
+def _jet_rule_kind(prim) -> str:
+    rule = _jet.jet_rules.get(prim)
+    if isinstance(rule, functools.partial) and rule.func is _jet.linear_prop:
+        return "linear"
+    if isinstance(rule, functools.partial) and rule.func is _jet.zero_prop:
+        return "zero"
+    return "rule" if rule is not None else ""
+
+
+# Linear in their inexact inputs, with integer/boolean inputs (indices, predicates)
+# held fixed: the newest coefficient maps through the primitive itself.
+_LINEAR_EXTRA = {lax.select_n_p, lax.gather_p, lax.dynamic_slice_p, lax.dynamic_update_slice_p, lax.cumsum_p}
 
 
 def _is_inexact(x: Any) -> bool:
@@ -66,6 +96,537 @@ def _evaluate(primitive, params, invals):
     return list(out) if primitive.multiple_results else [out]
 
 
+def _zeros_like(x):
+    return jnp.zeros(np.shape(x), jnp.result_type(x))
+
+
+def _add(a, b):
+    """``a + b`` where ``None`` is an exact zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _sum(terms):
+    out = None
+    for t in terms:
+        out = _add(out, t)
+    return out
+
+
+def _fit(x, like):
+    """`x` cast and broadcast to the shape and dtype of `like` (``None`` stays ``None``)."""
+    if x is None:
+        return None
+    x = jnp.asarray(x, jnp.result_type(like))
+    if np.shape(x) != np.shape(like):
+        x = jnp.broadcast_to(x, np.shape(like))
+    return x
+
+
+# ---------------------------------------------------------------- the state
+class SeriesState:
+    """The online Taylor-mode state of one closed jaxpr.
+
+    Holds, for every value of the jaxpr that moves along the path, its coefficients
+    ``[x_0, x_1, ..., x_k]`` (an entry ``None`` is an exact zero); `extend` computes
+    coefficient ``k + 1`` of all of them, `correct` changes the newest one.
+
+    **Arguments:**
+
+    - `closed_jaxpr`: the function, as traced by `jax.make_jaxpr`.
+    - `primals`: the values ``x_0`` of its inputs (flat list).
+    - `moving`: for each input, whether it carries a series (``False``: constant).
+    - `memo`: internal; equations of this jaxpr whose outputs are known values of an
+      enclosing state (``{equation index: list of coefficient lists}``).
+    """
+
+    def __init__(
+        self,
+        closed_jaxpr: jax_core.ClosedJaxpr,
+        primals: Sequence[Any],
+        moving: Sequence[bool],
+        memo: dict[int, list] | None = None,
+    ):
+        jaxpr = closed_jaxpr.jaxpr
+        self.jaxpr = jaxpr
+        self.order = 0
+        self.const: dict[Any, Any] = {}
+        self.coeffs: dict[Any, list] = {}
+        for var, val in zip(jaxpr.constvars, closed_jaxpr.consts, strict=True):
+            self.const[var] = val
+        for var, val, mov in zip(jaxpr.invars, primals, moving, strict=True):
+            if mov and _is_inexact(val):
+                self.coeffs[var] = [val]
+            else:
+                self.const[var] = val
+        self.rules: list[tuple[Any, _Rule]] = []
+        memo = memo or {}
+        for index, eqn in enumerate(jaxpr.eqns):
+            in_primals = [self._primal(v) for v in eqn.invars]
+            in_moving = [self._moving(v) for v in eqn.invars]
+            if not any(in_moving):
+                outs = _evaluate(eqn.primitive, eqn.params, in_primals)
+                for var, val in zip(eqn.outvars, outs, strict=True):
+                    self.const[var] = val
+                continue
+            if index in memo:
+                rule: _Rule = _MemoRule(memo[index])
+            else:
+                rule = _make_rule(eqn, in_moving)
+            outs = rule.init(in_primals)
+            for var, val, mov in zip(eqn.outvars, outs, rule.out_moving, strict=True):
+                if mov:
+                    self.coeffs[var] = [val]
+                else:
+                    self.const[var] = val
+            self.rules.append((eqn, rule))
+
+    # ------------------------------------------------------------ reading
+    def _moving(self, atom) -> bool:
+        return not isinstance(atom, jax_core.Literal) and atom in self.coeffs
+
+    def _primal(self, atom):
+        if isinstance(atom, jax_core.Literal):
+            return atom.val
+        if atom in self.coeffs:
+            return self.coeffs[atom][0]
+        return self.const[atom]
+
+    def _inputs(self, eqn) -> list[tuple[Any, list | None]]:
+        return [(self._primal(v), self.coeffs.get(v) if self._moving(v) else None) for v in eqn.invars]
+
+    def primals_out(self) -> list[Any]:
+        return [self._primal(v) for v in self.jaxpr.outvars]
+
+    def coefficients_out(self) -> list[list | None]:
+        """For each output, ``[x_0, ..., x_k]`` (``None`` entries are zeros), or ``None``
+        if the output is constant along the path."""
+        return [self.coeffs.get(v) if self._moving(v) else None for v in self.jaxpr.outvars]
+
+    def input_moving(self) -> list[bool]:
+        return [v in self.coeffs for v in self.jaxpr.invars]
+
+    # ----------------------------------------------------------- updating
+    def extend(self, inputs_top: Sequence[Any]) -> list[Any]:
+        """Append coefficient ``k + 1`` of every input (``None``: zero; ignored for
+        constant inputs) and compute coefficient ``k + 1`` of every value.
+
+        **Returns:** the outputs' new coefficient (``None``: zero or constant).
+        """
+        self.order += 1
+        k = self.order
+        for var, top in zip(self.jaxpr.invars, inputs_top, strict=True):
+            if var in self.coeffs:
+                self.coeffs[var].append(_fit(top, self.coeffs[var][0]))
+        for eqn, rule in self.rules:
+            tops = rule.extend(self._inputs(eqn), [self.coeffs.get(v) for v in eqn.outvars], k)
+            for var, top, mov in zip(eqn.outvars, tops, rule.out_moving, strict=True):
+                if mov:
+                    self.coeffs[var].append(_fit(top, self.coeffs[var][0]))
+        return [self.coeffs[v][k] if self._moving(v) else None for v in self.jaxpr.outvars]
+
+    def correct(self, inputs_delta: Sequence[Any]) -> list[Any]:
+        """Add `inputs_delta` to the inputs' newest coefficient (``None``: no change)
+        and update the newest coefficient of every value to match.
+
+        **Returns:** the change of the outputs' newest coefficient.
+        """
+        k = self.order
+        delta: dict[Any, Any] = {}
+        for var, d in zip(self.jaxpr.invars, inputs_delta, strict=True):
+            if d is not None and var in self.coeffs:
+                d = _fit(d, self.coeffs[var][0])
+                self.coeffs[var][k] = _add(self.coeffs[var][k], d)
+                delta[var] = d
+        for eqn, rule in self.rules:
+            in_delta = [None if isinstance(v, jax_core.Literal) else delta.get(v) for v in eqn.invars]
+            if all(d is None for d in in_delta):
+                continue
+            ins = self._inputs(eqn)
+            outs = [self.coeffs.get(v) for v in eqn.outvars]
+            if k == 0:
+                out_delta = rule.reevaluate(ins, in_delta, outs)
+            else:
+                out_delta = rule.correct(ins, in_delta, outs, k)
+            for var, d, mov in zip(eqn.outvars, out_delta, rule.out_moving, strict=True):
+                if mov and d is not None:
+                    d = _fit(d, self.coeffs[var][0])
+                    self.coeffs[var][k] = _add(self.coeffs[var][k], d)
+                    delta[var] = d
+        return [delta.get(v) if self._moving(v) else None for v in self.jaxpr.outvars]
+
+
+# ------------------------------------------------------------------ rules
+class _Rule:
+    """How one equation's coefficients grow. `ins` are ``(primal, coefficients or
+    None)`` per input; `outs` the outputs' coefficient lists (``None`` if constant)."""
+
+    out_moving: list[bool]
+
+    def __init__(self, eqn, in_moving):
+        self.eqn = eqn
+        self.prim, self.params = eqn.primitive, eqn.params
+        self.in_moving = in_moving
+
+    def init(self, in_primals):
+        outs = _evaluate(self.prim, self.params, in_primals)
+        self.out_moving = [_is_inexact(o) for o in outs]
+        return outs
+
+    def extend(self, ins, outs, k):
+        raise NotImplementedError
+
+    def correct(self, ins, in_delta, outs, k):
+        """Change of the outputs' coefficient ``k >= 1`` for a change `in_delta` of the
+        inputs' coefficient ``k`` (exact: it is affine in them)."""
+        raise NotImplementedError
+
+    def reevaluate(self, ins, in_delta, outs):
+        """Order 0: the inputs' values themselves changed (the ones in `ins` are
+        already updated); evaluate again and return the change."""
+        new = _evaluate(self.prim, self.params, [p for p, _ in ins])
+        return [None if c is None else n - c[0] for n, c in zip(new, outs, strict=True)]
+
+
+def _top(c, k):
+    return None if c is None else c[k]
+
+
+class _LinearRule(_Rule):
+    """Linear in its inexact inputs (integer/boolean inputs fixed), or ``mul`` /
+    ``dot_general`` / ``div`` with the other operand constant."""
+
+    def _map(self, ins, tops):
+        if all(t is None for t in tops):
+            return [None] * len(self.out_moving)
+        if self.prim in _BILINEAR or self.prim is lax.div_p:
+            (i,) = [j for j, m in enumerate(self.in_moving) if m]
+            args = [p for p, _ in ins]
+            args[i] = tops[i]
+            return _evaluate(self.prim, self.params, args)
+        if self.prim in (lax.add_p, lax.sub_p, _ad_util.add_jaxvals_p) and any(t is None for t in tops):
+            a, b = tops
+            out = a if b is None else (b if self.prim is not lax.sub_p else -b)
+            return [out]
+        args = []
+        for (p, _), t in zip(ins, tops, strict=True):
+            if _is_inexact(p):
+                args.append(_zeros_like(p) if t is None else t)
+            else:
+                args.append(p)
+        return _evaluate(self.prim, self.params, args)
+
+    def extend(self, ins, outs, k):
+        return self._map(ins, [_top(c, k) for _, c in ins])
+
+    def correct(self, ins, in_delta, outs, k):
+        return self._map(ins, in_delta)
+
+
+class _BilinearRule(_Rule):
+    """``z = op(a, b)`` with both moving: ``z_k = sum_i op(a_i, b_{k-i})``."""
+
+    def _op(self, a, b):
+        if a is None or b is None:
+            return None
+        return _bind(self.prim, self.params, [a, b])
+
+    def extend(self, ins, outs, k):
+        (_, a), (_, b) = ins
+        return [_sum(self._op(a[i], b[k - i]) for i in range(k + 1))]
+
+    def correct(self, ins, in_delta, outs, k):
+        (_, a), (_, b) = ins
+        da, db = in_delta
+        return [_add(self._op(da, b[0]), self._op(a[0], db))]
+
+
+class _DivRule(_Rule):
+    """``z = a / b`` with `b` moving: ``z_k = (a_k - sum_{i=1..k} b_i z_{k-i}) / b_0``."""
+
+    def extend(self, ins, outs, k):
+        (_, a), (b0, b) = ins
+        (z,) = outs
+        acc = _top(a, k)
+        for i in range(1, k + 1):
+            if b[i] is not None and z[k - i] is not None:
+                acc = _add(acc, -(b[i] * z[k - i]))
+        return [None if acc is None else acc / b0]
+
+    def correct(self, ins, in_delta, outs, k):
+        (_, _), (b0, _) = ins
+        (z,) = outs
+        da, db = in_delta
+        acc = da
+        if db is not None:
+            acc = _add(acc, -(db * z[0]))
+        return [None if acc is None else acc / b0]
+
+
+class _ExpRule(_Rule):
+    """``z = exp(a)``: ``z_k = (1/k) sum_{j=1..k} j a_j z_{k-j}``."""
+
+    def extend(self, ins, outs, k):
+        ((_, a),) = ins
+        (z,) = outs
+        terms = [j * a[j] * z[k - j] for j in range(1, k + 1) if a[j] is not None and z[k - j] is not None]
+        acc = _sum(terms)
+        return [None if acc is None else acc / k]
+
+    def correct(self, ins, in_delta, outs, k):
+        ((_, _),) = ins
+        (z,) = outs
+        (da,) = in_delta
+        return [da * z[0]]
+
+
+class _LogRule(_Rule):
+    """``z = log(a)``: ``z_k = (a_k - (1/k) sum_{j=1..k-1} j z_j a_{k-j}) / a_0``."""
+
+    def extend(self, ins, outs, k):
+        ((a0, a),) = ins
+        (z,) = outs
+        terms = [j * z[j] * a[k - j] for j in range(1, k) if z[j] is not None and a[k - j] is not None]
+        acc = _sum(terms)
+        acc = None if acc is None else -(acc / k)
+        acc = _add(a[k], acc)
+        return [None if acc is None else acc / a0]
+
+    def correct(self, ins, in_delta, outs, k):
+        ((a0, _),) = ins
+        (da,) = in_delta
+        return [da / a0]
+
+
+class _JetRule(_Rule):
+    """A rule of ``jax.experimental.jet``, called on the series up to order ``k``;
+    its newest coefficient is kept (the lower ones it recomputes are identical
+    computations, merged by XLA)."""
+
+    def _call(self, ins, k):
+        full = []
+        for p, c in ins:
+            if c is None:
+                full.append([_zeros_like(p)] * k)
+            else:
+                full.append([_zeros_like(p) if t is None else t for t in c[1 : k + 1]])
+        out, out_series = _jet.jet_rules[self.prim]([p for p, _ in ins], full, **self.params)
+        if not self.prim.multiple_results:
+            out_series = [out_series]
+        tops = []
+        for s in out_series:
+            if s is _jet.zero_series:
+                tops.append(None)
+            else:
+                t = s[k - 1]
+                tops.append(None if t is _jet.zero_term else t)
+        return tops
+
+    def extend(self, ins, outs, k):
+        return self._call(ins, k)
+
+    def correct(self, ins, in_delta, outs, k):
+        new = self._call(ins, k)  # the inputs' coefficient k is already updated
+        return [None if n is None else (n if c[k] is None else n - c[k]) for n, c in zip(new, outs, strict=True)]
+
+
+class _ZeroRule(_Rule):
+    """Piecewise-constant primitives (comparisons, ``floor``, ``stop_gradient``, ...)."""
+
+    def init(self, in_primals):
+        outs = super().init(in_primals)
+        self.out_moving = [False] * len(outs)
+        return outs
+
+    def extend(self, ins, outs, k):
+        return [None] * len(self.out_moving)
+
+    def correct(self, ins, in_delta, outs, k):
+        return [None] * len(self.out_moving)
+
+
+class _SubJaxprRule(_Rule):
+    """``jit`` (and ``custom_vjp``'s primal computation): a nested state, in step."""
+
+    def __init__(self, eqn, in_moving, jaxpr):
+        super().__init__(eqn, in_moving)
+        self.closed = jaxpr
+
+    def init(self, in_primals):
+        self.state = SeriesState(self.closed, in_primals, self.in_moving)
+        outs = self.state.primals_out()
+        self.out_moving = [c is not None for c in self.state.coefficients_out()]
+        return outs
+
+    def extend(self, ins, outs, k):
+        return self.state.extend([_top(c, k) for _, c in ins])
+
+    def correct(self, ins, in_delta, outs, k):
+        return self.state.correct(in_delta)
+
+    def reevaluate(self, ins, in_delta, outs):
+        return self.state.correct(in_delta)
+
+
+class _MemoRule(_Rule):
+    """An equation of a JVP rule that recomputes the enclosing ``y = f(x)``: its
+    coefficients are those of ``y``, already known one order ahead."""
+
+    def __init__(self, outer_coeffs: list):
+        self.outer = outer_coeffs
+
+    def init(self, in_primals):
+        self.out_moving = [c is not None for c in self.outer]
+        return [c[0] for c in self.outer]
+
+    def extend(self, ins, outs, k):
+        return [None if c is None else c[k] for c in self.outer]
+
+    def correct(self, ins, in_delta, outs, k):
+        return [None] * len(self.outer)
+
+    def reevaluate(self, ins, in_delta, outs):
+        return [None] * len(self.outer)
+
+
+def _memo_key(eqn):
+    """What makes two equations the same function (``None``: never merge)."""
+    params = eqn.params
+    if eqn.primitive is _CUSTOM_JVP:
+        call, jvp = params["call_jaxpr"], params["jvp_jaxpr_fun"]
+        info = getattr(jvp, "debug_info", None)
+        src = getattr(info, "func_src_info", None)
+        if src is None:
+            return None
+        return (
+            "custom_jvp",
+            str(call.jaxpr),
+            tuple(id(c) for c in call.consts),
+            src,
+            params.get("num_consts"),
+            params.get("symbolic_zeros"),
+        )
+    try:
+        return (eqn.primitive, tuple(sorted(params.items())), hash(tuple(sorted(params.items()))))
+    except TypeError:
+        return None
+
+
+class _JvpRule(_Rule):
+    """Any ``y = f(x)`` through its JVP: ``y_k = (y')_{k-1} / k``, with the series of
+    ``y' = J_f(x) x'`` from an online state of the JVP's jaxpr, one order behind."""
+
+    def init(self, in_primals):
+        outs = super().init(in_primals)
+        self.moving_idx = [i for i, m in enumerate(self.in_moving) if m]
+        self.inner: SeriesState | None = None
+        return outs
+
+    def _jvp_jaxpr(self, primals, tangents0):
+        prim, params, moving, n = self.prim, self.params, self.moving_idx, len(primals)
+
+        def f(*args):
+            return _evaluate(prim, params, args)
+
+        def jvp_of_f(*args):
+            # args: all primals, then one tangent per moving input. Constant inputs are
+            # closed over in the JVP so they are never differentiated.
+            all_primals, tangents = args[:n], args[n:]
+
+            def f_of_moving(*moving_vals):
+                full = list(all_primals)
+                for i, val in zip(moving, moving_vals, strict=True):
+                    full[i] = val
+                return f(*full)
+
+            return jax.jvp(f_of_moving, [all_primals[i] for i in moving], list(tangents))
+
+        return jax.make_jaxpr(jvp_of_f)(*primals, *tangents0)
+
+    def _start(self, ins, outs):
+        """Order 1: build the online state of the JVP at ``(x_0, x'_0 = x_1)``."""
+        primals = [p for p, _ in ins]
+        tangents0 = []
+        for i in self.moving_idx:
+            p, c = ins[i]
+            tangents0.append(_zeros_like(p) if c[1] is None else c[1])
+        closed = self._jvp_jaxpr(primals, tangents0)
+        invars = closed.jaxpr.invars[: len(primals)]
+        key = _memo_key(self.eqn)
+        memo = {}
+        if key is not None and all(self.out_moving):
+            for index, e in enumerate(closed.jaxpr.eqns):
+                if (
+                    e.primitive is self.prim
+                    and len(e.invars) == len(invars)
+                    and all(a is b for a, b in zip(e.invars, invars, strict=True))
+                    and len(e.outvars) == len(outs)
+                    and _memo_key(e) == key
+                ):
+                    memo[index] = [c if m else None for c, m in zip(outs, self.out_moving, strict=True)]
+        moving = [*self.in_moving, *([True] * len(tangents0))]
+        self.inner = SeriesState(closed, [*primals, *tangents0], moving, memo)
+        self.n_out = len(outs)
+
+    def _result(self, tangent_tops, k):
+        out = []
+        for mov, t in zip(self.out_moving, tangent_tops, strict=True):
+            out.append(None if (not mov or t is None) else t / k)
+        return out
+
+    def extend(self, ins, outs, k):
+        if k == 1:
+            self._start(ins, outs)
+            tangent_out = self.inner.primals_out()[self.n_out :]
+            return [t if m else None for t, m in zip(tangent_out, self.out_moving, strict=True)]
+        tops = [_top(c, k - 1) for _, c in ins]
+        tangent_tops = []
+        for i in self.moving_idx:
+            t = ins[i][1][k]
+            tangent_tops.append(None if t is None else k * t)
+        new = self.inner.extend([*tops, *tangent_tops])
+        return self._result(new[self.n_out :], k)
+
+    def correct(self, ins, in_delta, outs, k):
+        primal_delta = [None] * len(ins)
+        tangent_delta = [None if in_delta[i] is None else k * in_delta[i] for i in self.moving_idx]
+        new = self.inner.correct([*primal_delta, *tangent_delta])
+        return self._result(new[self.n_out :], k)
+
+
+def _make_rule(eqn, in_moving) -> _Rule:
+    prim = eqn.primitive
+    n_moving = sum(in_moving)
+    if prim in _JIT_PRIMITIVES:
+        return _SubJaxprRule(eqn, in_moving, eqn.params["jaxpr"])
+    if prim is _CUSTOM_VJP:
+        # Reverse-mode-only rules say nothing about forward derivatives: follow the
+        # primal computation.
+        return _SubJaxprRule(eqn, in_moving, eqn.params["call_jaxpr"])
+    if prim in _BILINEAR:
+        return _LinearRule(eqn, in_moving) if n_moving == 1 else _BilinearRule(eqn, in_moving)
+    if prim is lax.div_p:
+        return _LinearRule(eqn, in_moving) if not in_moving[1] else _DivRule(eqn, in_moving)
+    if prim is lax.exp_p:
+        return _ExpRule(eqn, in_moving)
+    if prim is lax.log_p:
+        return _LogRule(eqn, in_moving)
+    if prim is _CUSTOM_JVP:
+        return _JvpRule(eqn, in_moving)
+    kind = _jet_rule_kind(prim)
+    if kind == "linear" or prim in _LINEAR_EXTRA:
+        return _LinearRule(eqn, in_moving)
+    if kind == "zero":
+        return _ZeroRule(eqn, in_moving)
+    if kind == "rule":
+        return _JetRule(eqn, in_moving)
+    return _JvpRule(eqn, in_moving)
+
+
+# --------------------------------------------------------------- functions
 def propagate_series(
     closed_jaxpr: jax_core.ClosedJaxpr,
     primals: Sequence[Any],
@@ -85,127 +646,17 @@ def propagate_series(
     **Returns:** ``(primals_out, series_out)``, with ``None`` for outputs that are
     constant along the path.
     """
-    jaxpr = closed_jaxpr.jaxpr
-    env: dict[Any, tuple[Any, Series]] = {}
-
-    def read(atom):
-        if isinstance(atom, jax_core.Literal):
-            return atom.val, None
-        return env[atom]
-
-    for var, val in zip(jaxpr.constvars, closed_jaxpr.consts, strict=True):
-        env[var] = (val, None)
-    for var, val, ser in zip(jaxpr.invars, primals, series, strict=True):
-        env[var] = (val, ser if order > 0 else None)
-
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        in_primals = [p for p, _ in ins]
-        in_series = [s for _, s in ins]
-        if all(s is None for s in in_series):
-            outs = _evaluate(eqn.primitive, eqn.params, in_primals)
-            out_series: list[Series] = [None] * len(outs)
+    moving = [s is not None and order > 0 for s in series]
+    state = SeriesState(closed_jaxpr, primals, moving)
+    for k in range(1, order + 1):
+        state.extend([None if s is None else s[k - 1] for s in series])
+    out_series: list[Series] = []
+    for p, c in zip(state.primals_out(), state.coefficients_out(), strict=True):
+        if c is None:
+            out_series.append(None)
         else:
-            outs, out_series = _equation_series(eqn, in_primals, in_series, order)
-        for var, p, s in zip(eqn.outvars, outs, out_series, strict=True):
-            env[var] = (p, s)
-
-    results = [read(v) for v in jaxpr.outvars]
-    return [p for p, _ in results], [s for _, s in results]
-
-
-def _equation_series(eqn, primals, series, order):
-    prim = eqn.primitive
-    if prim in _JIT_PRIMITIVES:
-        return propagate_series(eqn.params["jaxpr"], primals, series, order)
-    if prim is _CUSTOM_VJP:
-        # Reverse-mode-only rules say nothing about forward derivatives: follow the
-        # primal computation.
-        return propagate_series(eqn.params["call_jaxpr"], primals, series, order)
-    if prim in _BILINEAR and sum(s is not None for s in series) == 1:
-        return _linear_in_one_argument(prim, eqn.params, primals, series)
-    if prim is not _CUSTOM_JVP and prim in _jet.jet_rules:
-        return _jet_rule(prim, eqn.params, primals, series, order)
-    return _series_through_jvp(eqn, primals, series, order)
-
-
-def _linear_in_one_argument(prim, params, primals, series):
-    (which,) = [i for i, s in enumerate(series) if s is not None]
-    out = prim.bind(*primals, **params)
-    out_series = []
-    for coeff in series[which]:
-        args = list(primals)
-        args[which] = coeff
-        out_series.append(prim.bind(*args, **params))
-    return [out], [out_series]
-
-
-def _jet_rule(prim, params, primals, series, order):
-    full_series = [
-        [jnp.zeros(np.shape(p), jnp.result_type(p))] * order if s is None else list(s)
-        for p, s in zip(primals, series, strict=True)
-    ]
-    out, out_series = _jet.jet_rules[prim](primals, full_series, **params)
-    if not prim.multiple_results:
-        out, out_series = [out], [out_series]
-    fixed = []
-    for p, s in zip(out, out_series, strict=True):
-        if s is _jet.zero_series or not _is_inexact(p):
-            fixed.append(None)
-        else:
-            fixed.append(
-                [jnp.zeros(np.shape(p), jnp.result_type(p)) if t is _jet.zero_term else t for t in s]
-            )
-    return list(out), fixed
-
-
-def _series_through_jvp(eqn, primals, series, order):
-    """Series of ``y = f(x)`` from the series of ``f``'s JVP, one order lower."""
-    prim, params = eqn.primitive, eqn.params
-    moving = [i for i, s in enumerate(series) if s is not None]
-
-    def f(*args):
-        return _evaluate(prim, params, args)
-
-    outs = f(*primals)
-    if order == 0:
-        return outs, [None] * len(outs)
-
-    def jvp_of_f(*args):
-        # args: all primals, then one tangent per moving input. Constant inputs are
-        # closed over in the JVP so they are never differentiated.
-        all_primals, tangents = args[: len(primals)], args[len(primals) :]
-
-        def f_of_moving(*moving_vals):
-            full = list(all_primals)
-            for i, val in zip(moving, moving_vals, strict=True):
-                full[i] = val
-            return f(*full)
-
-        moving_primals = [all_primals[i] for i in moving]
-        return jax.jvp(f_of_moving, moving_primals, list(tangents))
-
-    tangents0 = [series[i][0] for i in moving]
-    closed = jax.make_jaxpr(jvp_of_f)(*primals, *tangents0)
-    lower = order - 1
-    # x(t) truncated to order K-1, and x'(t) = sum_j (j+1) x_{j+1} t^j.
-    in_series: list[Series] = [None if s is None else list(s[:lower]) for s in series]
-    tangent_series = [[(j + 1) * series[i][j] for j in range(1, order)] for i in moving]
-    (flat_out, flat_series) = propagate_series(
-        closed, [*primals, *tangents0], [*in_series, *tangent_series], lower
-    )
-    n_out = len(outs)
-    tangent_out, tangent_out_series = flat_out[n_out:], flat_series[n_out:]
-    result_series: list[Series] = []
-    for y, dy0, dy_series in zip(outs, tangent_out, tangent_out_series, strict=True):
-        if not _is_inexact(y):
-            result_series.append(None)
-            continue
-        derivative = [dy0] + (list(dy_series) if dy_series is not None else [jnp.zeros_like(dy0)] * lower)
-        result_series.append(
-            [jnp.asarray(derivative[k - 1] / k, dtype=jnp.result_type(y)) for k in range(1, order + 1)]
-        )
-    return outs, result_series
+            out_series.append([_zeros_like(p) if t is None else t for t in c[1:]])
+    return state.primals_out(), out_series
 
 
 def propagate_function_series(
@@ -219,7 +670,5 @@ def propagate_function_series(
     Returns ``(primals_out, series_out)`` as flat lists over the leaves of `fun`'s
     output.
     """
-    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*primals)
-    out_primals, out_series = propagate_series(closed, primals, series, order)
-    del out_shape
-    return out_primals, out_series
+    closed = jax.make_jaxpr(fun)(*primals)
+    return propagate_series(closed, primals, series, order)

@@ -44,7 +44,7 @@ from ._implicit import implicit_flat
 from ._linear import HessianSolver
 from ._problem import EstimatingEquation, _is_concrete
 from ._pytree import TreeLayout
-from ._series import propagate_series
+from ._series import SeriesState, propagate_series
 
 __all__ = ["taylor_expansion", "TaylorExpansion", "TaylorPolynomial"]
 
@@ -94,18 +94,19 @@ def _theta_coefficients(problem: FlatProblem, solver: HessianSolver, theta0, eps
 
     coefficients: list[jax.Array] = []
     if method == "jet":
+        # One online Taylor-mode pass over G: at order k every intermediate value of G
+        # gets its t^k coefficient computed once, first with theta_k = 0 (giving r_k),
+        # then corrected by the now known theta_k (one forward-mode sweep).
         closed = jax.make_jaxpr(lambda th, ep, a: problem.equation(th, ep, a))(theta0, eps0, args)
         arg_leaves = jax.tree_util.tree_leaves(args)
+        n_args = len(arg_leaves)
+        state = SeriesState(closed, [theta0, eps0, *arg_leaves], [True, True] + [False] * n_args)
         for k in range(1, order + 1):
-            theta_series = [*coefficients, _zeros(d, dtype)]
-            eps_series = [v] + [jnp.zeros_like(v)] * (k - 1)
-            _, (r_series,) = _series_of_flat(
-                closed,
-                [theta0, eps0, *arg_leaves],
-                [theta_series, eps_series] + [None] * len(arg_leaves),
-                k,
-            )
-            coefficients.append(-solver.solve(r_series[k - 1]))
+            (r_k,) = state.extend([None, v if k == 1 else None] + [None] * n_args)
+            theta_k = -solver.solve(_zeros(d, dtype) if r_k is None else r_k)
+            coefficients.append(theta_k)
+            if k < order:
+                state.correct([theta_k, None] + [None] * n_args)
         return coefficients
 
     # method == "jvp": r_k = (1/k!) d^k/dt^k G(theta0 + ... + theta_{k-1} t^{k-1}, eps0 + t v)
@@ -326,7 +327,7 @@ class TaylorExpansion(eqx.Module):
         flat = self._coefficients_flat(v)
         if resum == "pade":
             return _trust.pade_at_step(self, flat[:order])
-        _trust.warn_if_beyond_radius(self, flat, order)
+        _trust.warn_if_beyond_radius(self, flat, order, v)
         total = self.out_layout.ravel(self.value0) + jnp.sum(flat[:order], axis=0)
         return self.out_layout.unravel(total)
 
@@ -389,21 +390,29 @@ class TaylorExpansion(eqx.Module):
     def radius(self, v: Any) -> float:
         """Estimated radius of convergence along `v`: the series converges at
         ``eps0 + t v`` for ``|t| < radius(v)`` (units of ``t``; the distance in `eps`
-        is ``radius(v) * ||v||``). From the root and ratio tests on
-        ``||theta_k||``, k = 1..order+2 (`optsens.estimate_radius`)."""
+        is ``radius(v) * ||v||``). From ratio tests on ``||theta_k||``,
+        k = 1..order+2 (`optsens.estimate_radius`)."""
         return float(_trust.expansion_radius(self, v).radius)
 
     def error_estimate(self, eps: Any, order: int | None = None) -> float:
-        """Estimated ``||theta_hat(eps) - ts(eps, order)||_2`` from the first omitted
-        terms ``T_{K+1} + T_{K+2} / (1 - rho)`` (`optsens.truncation_error_estimate`);
-        computes two orders more than the expansion has."""
+        """Estimated ``||theta_hat(eps) - ts(eps, order)||_2``: the first omitted terms
+        and the rest of the tail as the Padé approximant of the series extended by two
+        orders sums them, ``||P_{K+2}(eps) - ts(eps, order)||``
+        (`optsens.truncation_error_estimate`); computes two orders more than the
+        expansion has. Within 3x of the true error in 96% of random GLM cases inside
+        the radius (docs/trust.md)."""
         order = self.order if order is None else _check_order_arg(order, self.order)
         return _trust.expansion_error(self, eps, order)
 
     def trust(self, eps: Any) -> _trust.TrustReport:
         """A `TrustReport` for ``ts(eps)``: the estimate, its error estimate, the
-        radius along ``eps - eps0``, the Padé value as a second opinion and a verdict
-        (``"reliable"``, ``"check"``, ``"unreliable"``)."""
+        radius along ``eps - eps0``, the Padé-resummed value as a second opinion and
+        a verdict (``"reliable"``, ``"check"``, ``"unreliable"``).
+
+        ```python
+        print(ts.trust(eps))   # TrustReport (order 4, |eps - eps0| = 2) ...
+        ```
+        """
         return _trust.expansion_trust(self, eps)
 
 

@@ -5,10 +5,10 @@ Along ``eps(t) = eps0 + t v`` the expansion is ``theta(t) = sum_k theta_k t^k``.
 Its own coefficients say where it can be trusted:
 
 - **radius of convergence** ``R`` (in units of ``t``): by Cauchy–Hadamard
-  ``1/R = limsup_k ||theta_k||^{1/k}`` (the *root test*); if
-  ``||theta_k|| ~ C R^{-k}`` the slope of ``log ||theta_k||`` against ``k`` is
-  ``-log R`` (the *ratio test*, which does not suffer from the constant ``C``).
-  Both are taken over the last orders, from the upper envelope of the
+  ``1/R = limsup_k ||theta_k||^{1/k}``; if ``||theta_k|| ~ C R^{-k}`` the slope of
+  ``log ||theta_k||`` against ``k`` is ``-log R`` (the ratio test, free of the
+  constant ``C`` and of the units of ``theta``, unlike the root test). Taken over
+  the last orders and over all of them, from the upper envelope of the
   coefficients, so a zero or negligible coefficient (an even or odd function, a
   coordinate that does not move) does not fake a small radius.
 - **truncation error** at ``t``: the first omitted terms ``T_j = theta_j t^j``,
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import NonFiniteError, OptsensError, PrecisionWarning
+from ._errors import NonFiniteError, OptsensError
 
 __all__ = [
     "BeyondRadiusWarning",
@@ -68,20 +68,24 @@ class BeyondRadiusWarning(UserWarning):
 class RadiusEstimate(NamedTuple):
     """The estimated radius of convergence of ``sum_k theta_k t^k`` in ``t``.
 
-    - `radius`: the estimate used (`ratio` when at least two orders are
-      informative, else `root`); ``inf`` when the series is a polynomial to working
-      precision (no coefficient beyond the first above rounding level, or the
-      last two or more orders at rounding level where the trend of the others
-      says they would be clearly visible).
-    - `root`: ``min_k ||theta_k||^{-1/k}`` over the orders used (root test).
-    - `ratio`: ``exp(-slope)`` of the least-squares line through
-      ``(k, log ||theta_k||)`` over the orders used (ratio test).
-    - `orders`: the orders ``k`` the estimate rests on.
+    - `radius`: the estimate used, ``min(ratio, baseline)`` (`root` when only one
+      order is informative); ``inf`` when the series is a polynomial to working
+      precision (no coefficient beyond the first above rounding level, or the last
+      two or more orders at rounding level where the trend of the others says they
+      would be clearly visible).
+    - `ratio`: ratio test over the last orders: ``exp(-slope)`` of the
+      least-squares line through ``(k, log ||theta_k||)``.
+    - `baseline`: ratio test over all orders, ``min_k (a_j / a_k)^{1/(k-j)}`` from
+      the first informative order ``j``.
+    - `root`: root test, ``min_k ||theta_k||^{-1/k}``; for information only: unlike
+      the others it depends on the units of ``theta``.
+    - `orders`: the orders ``k`` the last-orders estimates rest on.
     """
 
     radius: float
-    root: float
     ratio: float
+    baseline: float
+    root: float
     orders: tuple[int, ...]
 
 
@@ -90,23 +94,32 @@ def _norms(coefficients) -> np.ndarray:
     return np.linalg.norm(c.reshape(c.shape[0], -1), axis=1)
 
 
+def _unbounded(orders=()) -> RadiusEstimate:
+    return RadiusEstimate(math.inf, math.inf, math.inf, math.inf, tuple(int(k) for k in orders))
+
+
 def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     """Estimate the radius of convergence of ``sum_k theta_k t^k`` from its
     coefficients ``theta_1, ..., theta_N``.
 
-    With ``a_k = ||theta_k||_2``,
+    With ``a_k = ||theta_k||_2`` and ``a_k ~ C R^{-k}`` (Cauchy–Hadamard:
+    ``1/R = limsup a_k^{1/k}``),
 
-    - root test: ``1/R ~ max_{k in W} a_k^{1/k}``;
-    - ratio test: ``log a_k ~ alpha - k log R``, fitted by least squares over
-      ``W``, after one pass that drops orders more than 10 times below the line
-      (the dips of an oscillating series, a coefficient that happens to vanish);
+    - ratio test over the last orders ``W``: ``log a_k ~ alpha - k log R`` fitted by
+      least squares, after one pass that drops orders more than 10 times below the
+      line (the dips of an oscillating series, a coefficient that happens to vanish);
+    - ratio test over all orders: ``R ~ min_{k in W} (a_j / a_k)^{1/(k-j)}``, ``j``
+      the first informative order (it catches a singularity that the last few
+      orders, caught in an oscillation, hide);
+    - ``R = min`` of the two. Neither depends on the units of ``theta`` or on the
+      constant ``C`` (which biases the root test ``a_k^{-1/k}``, also reported).
 
-    where ``W`` holds the last ``max(3, ceil(n/2))`` of the ``n`` informative
-    orders: those whose term at ``t = 1`` exceeds ``1e-13`` times the scale of
-    the series (``max(||value0||, max_k a_k)``), so that exact zeros and rounding
-    noise (odd coefficients of an even function, a series that is a polynomial)
-    are ignored. The answer is in units of ``t``: along ``eps = eps0 + t v`` the
-    series converges for ``|t| < R``.
+    ``W`` holds the last ``max(3, ceil(n/2))`` of the ``n`` informative orders:
+    those whose term at ``t = 1`` exceeds ``1e-13`` times the scale of the series
+    (``max(||value0||, max_k a_k)``), so that exact zeros and rounding noise (odd
+    coefficients of an even function, a series that is a polynomial) are ignored.
+    The answer is in units of ``t``: along ``eps = eps0 + t v`` the series
+    converges for ``|t| < R``.
 
     **Arguments:**
 
@@ -125,20 +138,19 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     """
     a = _norms(coefficients)
     if a.size == 0:
-        return RadiusEstimate(math.inf, math.inf, math.inf, ())
+        return _unbounded()
     if not np.all(np.isfinite(a)):
         raise NonFiniteError(
             "estimate_radius received non-finite Taylor coefficients (orders "
             f"{[int(k) + 1 for k in np.nonzero(~np.isfinite(a))[0]]}); the expansion overflowed."
         )
-    scale = max(
-        float(a.max()), float(np.linalg.norm(np.asarray(value0, float))) if value0 is not None else 0.0
-    )
+    value_scale = float(np.linalg.norm(np.asarray(value0, float))) if value0 is not None else 0.0
+    scale = max(float(a.max()), value_scale)
     orders = np.arange(1, a.size + 1)
     informative = orders[a > _NOISE_RTOL * scale] if scale > 0 else orders[:0]
     # Only the first order is above rounding: a polynomial to working precision.
     if informative.size == 0 or (informative.size == 1 and informative[0] == 1):
-        return RadiusEstimate(math.inf, math.inf, math.inf, tuple(int(k) for k in informative))
+        return _unbounded(informative)
     m = max(3, math.ceil(informative.size / 2))
     window = informative[-m:]
     window = window[window > 1] if window.size > 2 else window
@@ -150,8 +162,8 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     floor = math.log(_NOISE_RTOL * scale)
     if window.size < 2:
         if a.size - last >= 2:
-            return RadiusEstimate(math.inf, math.inf, math.inf, tuple(int(k) for k in window))
-        return RadiusEstimate(root, root, math.nan, tuple(int(k) for k in window))
+            return _unbounded(window)
+        return RadiusEstimate(root, math.nan, math.nan, root, tuple(int(k) for k in window))
     slope, intercept = np.polyfit(window, log_a, 1)
     keep = log_a >= intercept + slope * window - math.log(10.0)
     if keep.sum() >= 2 and not keep.all():
@@ -159,9 +171,14 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
         slope, intercept = np.polyfit(window, log_a, 1)
         root = float(np.min(np.exp(-log_a / window)))
     if a.size - last >= 2 and intercept + slope * (last + 2) > floor + math.log(1e3):
-        return RadiusEstimate(math.inf, math.inf, math.inf, tuple(int(k) for k in window))
+        return _unbounded(window)
     ratio = float(np.exp(-slope))
-    return RadiusEstimate(ratio, root, ratio, tuple(int(k) for k in window))
+    first = int(informative[0])
+    later = window[window > first]
+    baseline = (
+        float(np.min((a[first - 1] / a[later - 1]) ** (1.0 / (later - first)))) if later.size else math.inf
+    )
+    return RadiusEstimate(min(ratio, baseline), ratio, baseline, root, tuple(int(k) for k in window))
 
 
 # ----------------------------------------------------------- truncation error
@@ -403,6 +420,7 @@ def pade_approximant(ts, v: Any, degrees: tuple[int, int] | None = None) -> Pade
     **Returns:** a `PadeApproximant`; ``approx(t)`` is its value at ``eps0 + t v``.
     """
     v_flat = ts._direction(v)
+    _require_concrete(v_flat, "pade_approximant")
     coefficients = np.asarray(ts._coefficients_flat(v_flat))
     return pade_from_coefficients(ts.out_layout.ravel(ts.value0), coefficients, ts.out_layout, degrees)
 
@@ -419,7 +437,7 @@ def pade_at_step(ts, coefficients_flat) -> Any:
 # ------------------------------------------------------ expansions: glue code
 def _extended(ts, extra: int = EXTRA_ORDERS):
     """The same expansion, `extra` orders longer (same method, QoI and problem)."""
-    return type(ts)(ts.eq, ts.order + extra, ts.method_used, ts.qoi, ts.out_layout, ts.value0)
+    return dataclasses.replace(ts, order=ts.order + extra, method=ts.method_used)
 
 
 def _concrete(x) -> bool:
@@ -441,12 +459,9 @@ def _step(ts, eps, name: str = "eps") -> jax.Array:
 
 def extended_coefficients(ts, d_flat, extra: int = EXTRA_ORDERS) -> np.ndarray:
     """``theta_1..theta_{K+extra}`` along the flat direction `d_flat` (numpy, (K+extra, Q))."""
-    with warnings.catch_warnings():
-        # The user was warned about float32 when building `ts`; one more order adds
-        # no information worth a second warning.
-        warnings.simplefilter("ignore", PrecisionWarning)
-        longer = _extended(ts, extra)
-    return np.asarray(longer._coefficients_flat(d_flat))
+    # Built directly, not through `taylor_expansion`: no second float32 warning for
+    # the two extra orders of an estimate.
+    return np.asarray(_extended(ts, extra)._coefficients_flat(d_flat))
 
 
 def expansion_radius(ts, v: Any) -> RadiusEstimate:
@@ -512,8 +527,8 @@ class TrustReport:
             f"TrustReport (order {self.order}, |eps - eps0| = {self.step:.4g})",
             f"  estimate        {_describe(self.value)}",
             f"  error estimate  {self.error_estimate:.3g}  (relative: {self.relative_error:.3g})",
-            f"  radius          {self.radius:.4g}  (the step is {frac:.2f} of it; ratio test "
-            f"{detail.ratio * self.step:.3g}, root test {detail.root * self.step:.3g})",
+            f"  radius          {self.radius:.4g}  (the step is {frac:.2f} of it; ratio tests: last "
+            f"orders {detail.ratio * self.step:.3g}, all orders {detail.baseline * self.step:.3g})",
             f"  resummed        {_describe(self.resummed)}  (Padé, order {self.order + EXTRA_ORDERS})",
             f"  verdict         {self.verdict}: {_VERDICTS[self.verdict]}",
         ]
@@ -568,7 +583,7 @@ def expansion_trust(ts, eps: Any) -> TrustReport:
 _WARNED: dict[int, weakref.ref] = {}
 
 
-def warn_if_beyond_radius(ts, coefficients_flat, order: int, stacklevel: int = 3) -> None:
+def warn_if_beyond_radius(ts, coefficients_flat, order: int, step_flat, stacklevel: int = 3) -> None:
     """Warn once per expansion when ``ts(eps)`` is evaluated beyond the radius
     estimated from the coefficients it already has (no extra orders).
 
@@ -584,15 +599,20 @@ def warn_if_beyond_radius(ts, coefficients_flat, order: int, stacklevel: int = 3
     est = estimate_radius(coefficients, np.asarray(ts.out_layout.ravel(ts.value0)))
     if est.radius > 1.0:
         return
+    for key in [k for k, r in _WARNED.items() if r() is None]:
+        del _WARNED[key]
     try:
         _WARNED[id(ts)] = weakref.ref(ts)
     except TypeError:  # pragma: no cover - objects without weak references
         pass
+    step = float(np.linalg.norm(np.asarray(step_flat)))
     warnings.warn(
         f"`eps` lies beyond the estimated radius of convergence of this order-{order} series: "
-        f"along eps - eps0 the radius is about {est.radius:.3g} times the step (root test "
-        f"{est.root:.3g}, ratio test {est.ratio:.3g}, from orders {list(est.orders)}), so the "
-        "truncated series diverges there and its value is not an approximation of theta_hat(eps). "
+        f"|eps - eps0| = {step:.4g}, while along this direction the series converges for steps up "
+        f"to about {est.radius * step:.4g} (ratio tests over orders 1..{coefficients.shape[0]}: "
+        f"last orders {est.ratio * step:.3g}, all orders {est.baseline * step:.3g}), so the "
+        "series diverges there (more orders make it worse) and its value may be far from "
+        "theta_hat(eps). "
         "Refit at this eps, step less far, or try ts(eps, resum='pade'); ts.trust(eps) gives the "
         "numbers. (This warning is shown once per expansion.)",
         BeyondRadiusWarning,
