@@ -294,6 +294,8 @@ def test_validate_expansion_checks_its_points(ridge_ts):
         optsens.validate_expansion(ridge_ts, [np.ones(2)], refit=lambda e: ridge_exact(1.0))
     with pytest.raises(optsens.NonFiniteError, match="refit at eps=2.0 returned non-finite"):
         optsens.validate_expansion(ridge_ts, [2.0], refit=lambda e: np.full(3, np.nan))
+    with pytest.raises(optsens.OptsensError, match="returned 2 numbers where the expansion has 3"):
+        optsens.validate_expansion(ridge_ts, [2.0], refit=lambda e: np.ones(2))
 
 
 # ------------------------------------------------------- regularised mode

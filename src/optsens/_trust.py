@@ -54,8 +54,18 @@ __all__ = [
 ]
 
 # A coefficient whose term at t = 1 is below this fraction of the scale of the
-# series (|value0| and its largest term) is rounding noise, not information.
+# series (|value0| and its largest term) is rounding noise, not information
+# (in float64; 1e3 machine epsilons in lower precision).
 _NOISE_RTOL = 1e-13
+
+
+def _noise_rtol(coefficients) -> float:
+    dtype = getattr(coefficients, "dtype", None)
+    if dtype is not None and np.issubdtype(dtype, np.floating):
+        return max(_NOISE_RTOL, 1e3 * float(np.finfo(dtype).eps))
+    return _NOISE_RTOL
+
+
 # The error estimate needs this many orders beyond the expansion's own.
 EXTRA_ORDERS = 2
 
@@ -115,7 +125,8 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
       constant ``C`` (which biases the root test ``a_k^{-1/k}``, also reported).
 
     ``W`` holds the last ``max(3, ceil(n/2))`` of the ``n`` informative orders:
-    those whose term at ``t = 1`` exceeds ``1e-13`` times the scale of the series
+    those whose term at ``t = 1`` exceeds ``1e-13`` (float64; ``1e3`` machine
+    epsilons in lower precision) times the scale of the series
     (``max(||value0||, max_k a_k)``), so that exact zeros and rounding noise (odd
     coefficients of an even function, a series that is a polynomial) are ignored.
     The answer is in units of ``t``: along ``eps = eps0 + t v`` the series
@@ -136,6 +147,7 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     est.radius  # 2.0: the series of 1 / (1 - t / 2)
     ```
     """
+    rtol = _noise_rtol(coefficients)
     a = _norms(coefficients)
     if a.size == 0:
         return _unbounded()
@@ -147,7 +159,7 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     value_scale = float(np.linalg.norm(np.asarray(value0, float))) if value0 is not None else 0.0
     scale = max(float(a.max()), value_scale)
     orders = np.arange(1, a.size + 1)
-    informative = orders[a > _NOISE_RTOL * scale] if scale > 0 else orders[:0]
+    informative = orders[a > rtol * scale] if scale > 0 else orders[:0]
     # Only the first order is above rounding: a polynomial to working precision.
     if informative.size == 0 or (informative.size == 1 and informative[0] == 1):
         return _unbounded(informative)
@@ -159,7 +171,7 @@ def estimate_radius(coefficients, value0=None) -> RadiusEstimate:
     # Two or more trailing orders at rounding level where the trend says they should
     # be clearly visible: the series terminates (a polynomial), not a radius.
     last = int(informative[-1])
-    floor = math.log(_NOISE_RTOL * scale)
+    floor = math.log(rtol * scale)
     if window.size < 2:
         if a.size - last >= 2:
             return _unbounded(window)
@@ -748,7 +760,8 @@ def validate_expansion(
     - `refit`: ``refit(eps) -> theta`` with any optimiser. Default: `newton_solve`
       on the expansion's problem, started at ``theta0`` and continued in `steps`
       equal steps from ``eps0`` to ``eps`` (more steps keep it on the branch of
-      ``theta0`` for equations with several roots).
+      ``theta0`` for equations with several roots). It solves ``G = 0`` itself, not
+      the proximal equation of ``EstimatingEquation(..., regularization=delta)``.
     - `executor`: a `concurrent.futures.Executor` to run the refits in parallel
       (a `ThreadPoolExecutor` works with the default refit; a process pool needs a
       picklable `refit`).
@@ -780,8 +793,16 @@ def validate_expansion(
             exact = np.asarray(ts.eq.problem.theta.ravel(theta))
         else:
             exact = np.asarray(ts.out_layout.ravel(ts.qoi(theta, eps)))
+        if exact.shape != value0.shape:
+            raise OptsensError(
+                f"the refit at eps={eps!r} returned {exact.size} numbers where the expansion has "
+                f"{value0.size}; `refit(eps)` must return a pytree shaped like `theta0`."
+            )
         if not np.all(np.isfinite(exact)):
-            raise NonFiniteError(f"the refit at eps={eps!r} returned non-finite values.")
+            raise NonFiniteError(
+                f"the refit at eps={eps!r} returned non-finite values; check the optimiser passed "
+                "as `refit` (did it converge?)."
+            )
         coefficients = extended_coefficients(ts, d)
         partial = value0 + np.cumsum(coefficients, axis=0)
         predicted = partial[order - 1]
@@ -801,7 +822,7 @@ def validate_expansion(
                 exact=exact,
                 true_error=true_error,
                 error_estimate=truncation_error_estimate(coefficients, order, value0),
-                radius=radius.radius * step,
+                radius=radius.radius * step if step > 0 else math.inf,
                 beyond_radius=bool(radius.radius <= 1.0),
                 series_fails=bool(error_longest >= error_half),
                 pade_error=float(np.linalg.norm(pade_flat - exact)),

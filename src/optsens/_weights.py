@@ -868,9 +868,10 @@ class MEstimator:
         path = _WeightPath(self._model)
         args = (self._data, self._weights, idx, delta)
         eps0 = jnp.zeros((), self._theta0_flat.dtype)
+        kwargs = {"args": args, "residual_rtol": self._residual_rtol, "cond_max": self._cond_max}
         if self._model.kind == "loss":
-            return EstimatingEquation.from_objective(path, self._theta0, eps0, args=args, residual_rtol=1e-4)
-        return EstimatingEquation(path, self._theta0, eps0, args=args, residual_rtol=1e-4)
+            return EstimatingEquation.from_objective(path, self._theta0, eps0, **kwargs)
+        return EstimatingEquation(path, self._theta0, eps0, **kwargs)
 
     def _resolve_method(self, eq: EstimatingEquation, order: int, taylor_method: str) -> str:
         return taylor_expansion(eq, order, taylor_method).method_used
