@@ -81,7 +81,7 @@ def test_non_finite_hessian():
 def test_nan_in_the_data_raises():
     x = X.copy()
     x[3, 1] = np.nan
-    with pytest.raises(optsens.NonFiniteError, match="the data for NaN"):
+    with pytest.raises(optsens.NonFiniteError, match=r"`args\[0\]` has 1 non-finite entries .*\[\[3, 1\]\]"):
         optsens.EstimatingEquation(ridge_equation, THETA0, 1.0, args=(x, Y))
 
 
@@ -106,10 +106,23 @@ def test_non_finite_derivatives_are_reported():
 
 
 def test_non_finite_eps_is_not_returned_as_numbers(ts):
-    with pytest.raises(optsens.NonFiniteError):
+    with pytest.raises(optsens.NonFiniteError, match=r"`eps` has non-finite entries.*pass finite values"):
         ts(np.nan)
+    with pytest.raises(optsens.NonFiniteError, match=r"`v` has non-finite entries"):
+        ts.derivatives(np.inf)
     with pytest.raises(optsens.NonFiniteError):
         ts.error_estimate(np.inf)
+
+
+def test_non_finite_theta0_and_eps0_are_named():
+    bad = THETA0.copy()
+    bad[1] = np.nan
+    with pytest.raises(optsens.NonFiniteError, match=r"`theta0` has 1 non-finite entries"):
+        optsens.EstimatingEquation(ridge_equation, bad, 1.0, args=(X, Y))
+    with pytest.raises(optsens.NonFiniteError, match=r"`eps0\['lam'\]` has 1 non-finite"):
+        optsens.EstimatingEquation(
+            lambda t, e, x, y: ridge_equation(t, e["lam"], x, y), THETA0, {"lam": np.inf}, args=(X, Y)
+        )
 
 
 def test_non_finite_coefficients_passed_to_the_trust_helpers():

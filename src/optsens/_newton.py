@@ -59,8 +59,12 @@ def _newton_flat(problem: FlatProblem, theta, eps, args, tol, max_steps: int):
         return (k < max_steps) & (last > tol * jnp.maximum(1.0, jnp.max(jnp.abs(th))))
 
     th, k, last = lax.while_loop(cond, body, (theta, 0, jnp.asarray(jnp.inf, theta.dtype)))
-    converged = last <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(th)))
-    return th, converged, last, step_size(th)
+    resid = step_size(th)
+    # Converged when the step is small, or when G itself is at rounding level relative
+    # to where it started (ill-conditioned problems stall with tiny G but steps > tol).
+    at_rounding = resid <= 1e-13 * jnp.maximum(1.0, step_size(theta))
+    converged = (last <= tol * jnp.maximum(1.0, jnp.max(jnp.abs(th)))) | at_rounding
+    return th, converged, last, resid
 
 
 def newton_solve(

@@ -156,6 +156,8 @@ class EstimatingEquation(eqx.Module):
         args = jax.tree_util.tree_map(jnp.asarray, args)
         if not jax.tree_util.tree_leaves(theta0):
             raise ValueError("`theta0` has no arrays in it; it must hold the parameters.")
+        for name, tree in (("theta0", theta0), ("eps0", eps0), ("args", args)):
+            _check_finite_input(name, tree)
         theta_layout, eps_layout = TreeLayout.of(theta0), TreeLayout.of(eps0)
         if solver == "cholesky" and _kind != "objective":
             raise ValueError(
@@ -280,6 +282,21 @@ def _check_output_structure(problem: FlatProblem, theta0, eps0, args) -> None:
         )
 
 
+def _check_finite_input(name: str, tree: Any) -> None:
+    """NaN or infinity in `theta0`, `eps0` or the data, named by pytree path."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        values = np.asarray(leaf)
+        if not np.all(np.isfinite(values)):
+            where = np.argwhere(~np.isfinite(values))[:3].tolist()
+            raise NonFiniteError(
+                f"`{name}{jax.tree_util.keystr(path)}` has {int((~np.isfinite(values)).sum())} "
+                f"non-finite entries (first at indices {where}); pass finite values (drop or "
+                "impute missing data before building the equation)."
+            )
+
+
 def _check_finite_hessian(hessian: jax.Array, layout: TreeLayout) -> None:
     bad = ~np.isfinite(np.asarray(hessian))
     if bad.any():
@@ -357,7 +374,9 @@ def _raise_singular(cond: float, null_direction, names, cond_max: float):
         f"(limit `cond_max` = {cond_max:.3g}). The solution is not locally unique along the "
         f"near-null direction, whose largest entries are {_top_entries(np.asarray(null_direction), names)}. "
         "Add a penalty or prior on these parameters, remove redundant ones (collinear "
-        "columns, an over-parametrised model), or raise `cond_max` if this conditioning is expected."
+        "columns, an over-parametrised model), pass `regularization=delta` to follow the "
+        "minimum-movement path (see its documentation), or raise `cond_max` if this "
+        "conditioning is expected."
     )
 
 

@@ -270,10 +270,15 @@ class TaylorExpansion(eqx.Module):
         if treedef != layout.treedef or shapes != layout.shapes:
             raise OptsensError(
                 f"`{name}` must be a pytree shaped like `eps0`: expected structure {layout.treedef} "
-                f"with shapes {list(layout.shapes)}, got {treedef} with shapes {list(shapes)}."
+                f"with shapes {list(layout.shapes)}, got {treedef} with shapes {list(shapes)}. "
+                f"Pass a pytree shaped like `eps0`."
             )
-        flat = layout.ravel(v)
-        return flat.astype(self.eq.theta0_flat.dtype)
+        flat = layout.ravel(v).astype(self.eq.theta0_flat.dtype)
+        if _is_concrete(flat) and not np.all(np.isfinite(host := np.asarray(flat))):
+            names = layout.leaf_names()
+            bad = [names[i].replace("theta", "eps", 1) for i in np.nonzero(~np.isfinite(host))[0][:5]]
+            raise NonFiniteError(f"`{name}` has non-finite entries (at {bad}); pass finite values.")
+        return flat
 
     def _coefficients_flat(self, v_flat: jax.Array) -> jax.Array:
         eq = self.eq
