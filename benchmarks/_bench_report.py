@@ -49,7 +49,7 @@ def collect(cfgs: list[Config], results: list[dict]) -> dict:
                 m, {"label": mres.get("label", m), "rows": {}, "colds": {}, "notes": []}
             )
             if mres.get("missing"):
-                rec["notes"].append(f"not run: {mres['missing']}")
+                rec["notes"].append(mres["missing"])
             if mres.get("error"):
                 rec["notes"].append(f"error: {mres['error'][:200]}")
             if mres.get("cold"):

@@ -107,6 +107,7 @@ def _sweep(method, spec: dict, is_first: bool, store: dict, t_import: float) -> 
                     out["rows"].append({"order": skipped, "status": "skipped", "note": reason})
                 break
         try:
+            compiles = not method.requires or "autograd" not in method.requires
             if order in first_times:
                 first = first_times[order]
                 samples: list[tuple[float, float]] = []
@@ -114,10 +115,10 @@ def _sweep(method, spec: dict, is_first: bool, store: dict, t_import: float) -> 
                 c, d, derivs = method.run(order)
                 first = c + d
                 # Without compilation the first call is itself a valid warm sample.
-                samples = [(c, d)] if method.requires and "autograd" in method.requires else []
+                samples = [] if compiles else [(c, d)]
             reps = max(1, min(max_reps, math.ceil(min_time / max(first, 1e-4))))
             if first > 5 * min_time:
-                reps = 1
+                reps = 1 if compiles or not samples else 0
             for _ in range(reps):
                 c, d, derivs = method.run(order)
                 samples.append((c, d))
@@ -160,7 +161,9 @@ def main(spec_path: str) -> None:
         try:
             method.setup(cfg, data)
         except ImportError as exc:
-            results.append({"method": name, "label": method.label, "rows": [], "missing": str(exc)})
+            results.append(
+                {"method": name, "label": method.label, "rows": [], "missing": f"not installed ({exc})"}
+            )
             continue
         t_import = now() - t0
         try:

@@ -124,6 +124,21 @@ def main(out_dir: str) -> None:
         errs = [float(jnp.linalg.norm(flat(ts(eps0 + s, order=k)) - exact)) / change for k in range(1, 7)]
         lines.append(f"| {s:+.2f} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
 
+    # --- how far the series can be trusted (from its own coefficients) -----------
+    radius_up, radius_down = ts.radius(1.0), ts.radius(-1.0)
+    lines += [
+        "",
+        "## How far the order-6 series can be trusted",
+        "",
+        f"estimated radius of convergence: {radius_up:.2f} upwards, {radius_down:.2f} downwards (in eps)",
+        "",
+        "| eps - eps0 | true error | estimated error | verdict |",
+        "|---:|---:|---:|:---|",
+    ]
+    for s in STEPS:
+        report = ts.trust(eps0 + s)
+        true_error = float(jnp.linalg.norm(flat(ts(eps0 + s)) - flat(refits[s])))
+        lines.append(f"| {s:+.2f} | {true_error:.1e} | {report.error_estimate:.1e} | {report.verdict} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(out_dir, "demo_table.md"), "w") as fh:
@@ -137,7 +152,7 @@ def main(out_dir: str) -> None:
 
     first = ts.derivatives(1.0)[0]["beta"]
     j = int(jnp.argmax(jnp.abs(first)))  # the coefficient that moves most
-    grid = jnp.linspace(-2.5, 2.5, 101)
+    grid = jnp.linspace(-3.5, 3.5, 141)
     approx = jax.vmap(lambda e: jnp.stack([ts(e, order=k)["beta"][j] for k in range(1, MAX_ORDER + 1)]))(
         eps0 + grid
     )
@@ -145,12 +160,16 @@ def main(out_dir: str) -> None:
     colors = plt.cm.viridis(np.linspace(0, 0.9, MAX_ORDER))
     for k in range(MAX_ORDER):
         ax.plot(grid, approx[:, k], color=colors[k], lw=1.3, label=f"order {k + 1}")
-    dense_steps = np.linspace(-2.5, 2.5, 21)
+    dense_steps = np.linspace(-3.5, 3.5, 29)
     exact = [
         float(optsens.newton_solve(objective, theta0, eps0 + s, args=(x, y), objective=True)["beta"][j])
         for s in dense_steps
     ]
     ax.plot(dense_steps, exact, "ko", ms=4, label="exact refit")
+    for edge in (radius_up, -radius_down):
+        if abs(edge) < 3.5:
+            ax.axvline(edge, color="grey", ls="--", lw=0.8)
+    ax.text(0.01, 0.02, "dashed: estimated radius of convergence", transform=ax.transAxes, fontsize=8)
     lo, hi = min(exact), max(exact)
     pad = 0.5 * (hi - lo)
     ax.set_ylim(lo - pad, hi + pad)

@@ -697,12 +697,18 @@ class MEstimator:
         )
 
     # ------------------------------------------------------------- fitting
+    def _tol(self, tol: float | None) -> float:
+        """Newton's step tolerance: 1e-12 in float64; float32 cannot get below ~1e-6."""
+        if tol is not None:
+            return float(tol)
+        return 1e-12 if self._theta0_flat.dtype == jnp.float64 else 1e-5
+
     def _objective_and_kind(self):
         if self._model.kind == "loss":
             return _TotalObjective(self._model), True
         return _TotalEquation(self._model), False
 
-    def fit(self, theta_init: Any = None, *, tol: float = 1e-12, max_steps: int = 100) -> MEstimator:
+    def fit(self, theta_init: Any = None, *, tol: float | None = None, max_steps: int = 100) -> MEstimator:
         """Solve ``G(theta, w) = 0`` by damped Newton steps (`newton_solve`) from
         `theta_init` (default the current ``theta0``).
 
@@ -717,7 +723,7 @@ class MEstimator:
             0.0,
             args=(self._data, self._weights),
             objective=objective,
-            tol=tol,
+            tol=self._tol(tol),
             max_steps=max_steps,
         )
         return self._replace(theta0=solution)
@@ -1090,7 +1096,7 @@ class MEstimator:
         *,
         start: str = "newton",
         progress: bool = True,
-        tol: float = 1e-12,
+        tol: float | None = None,
         max_steps: int = 100,
         tasks: int | None = None,
     ) -> Any:
@@ -1109,7 +1115,7 @@ class MEstimator:
         - `start`: ``"newton"`` (the Newton-step prediction, default), ``"ij"``
           (first-order IJ) or ``"theta0"``.
         - `progress`: show a tqdm progress bar.
-        - `tol`, `max_steps`: passed to `newton_solve`.
+        - `tol`, `max_steps`: passed to `newton_solve` (`tol` default: 1e-12 in float64, 1e-5 in float32).
 
         **Returns:** a pytree shaped like `theta` with a leading fold axis.
         """
@@ -1131,7 +1137,7 @@ class MEstimator:
             self._data,  # JAX arrays: no transfer per refit; they pickle for process pools
             np.asarray(self._weights),
             bool(jax.config.jax_enable_x64),
-            float(tol),
+            self._tol(tol),
             int(max_steps),
         )
         rows = [fi.members(f) for f in range(fi.n_folds)]
