@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
+
 from _bench_problems import Config, objective
 
 now = time.perf_counter

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from _bench_problems import Config
 
 AGREE_RTOL = 1e-6  # derivatives of two methods agree if their relative difference is below this
@@ -41,13 +42,21 @@ def collect(cfgs: list[Config], results: list[dict]) -> dict:
     derivs: dict[str, dict] = {c.name: {} for c in cfgs}
     for res in results:
         name = Config(**res["config"]).name
-        derivs[name].update(res.get("derivatives", {}))
-        cold_only = ".cold" in res.get("tag", "")
+        tag = res.get("tag", "")
+        if tag.endswith(".fill-cache"):
+            continue
+        if not tag.endswith(".cached"):
+            derivs[name].update(res.get("derivatives", {}))
+        cached = tag.endswith(".cached")
         for mres in res["results"]:
             m = mres["method"]
             rec = records[name].setdefault(
-                m, {"label": mres.get("label", m), "rows": {}, "colds": {}, "notes": []}
+                m, {"label": mres.get("label", m), "rows": {}, "colds": {}, "cached_colds": {}, "notes": []}
             )
+            if cached:
+                if mres.get("cold"):
+                    rec["cached_colds"][mres["cold"]["order"]] = mres["cold"]
+                continue
             if mres.get("missing"):
                 rec["notes"].append(mres["missing"])
             if mres.get("error"):
@@ -55,8 +64,6 @@ def collect(cfgs: list[Config], results: list[dict]) -> dict:
             if mres.get("cold"):
                 c = mres["cold"]
                 rec["colds"][c["order"]] = c
-            if cold_only:
-                continue
             rec["peak_mb"] = mres.get("peak_mb")
             rec["import_s"] = mres.get("import_s")
             for row in mres["rows"]:
@@ -68,8 +75,11 @@ def check_agreement(cfgs: list[Config], col: dict) -> None:
     """Adds ``rel_diff`` (against optsens) to every row, and ``validated_by`` to optsens'."""
     for cfg in cfgs:
         recs, der = col["records"][cfg.name], col["derivs"][cfg.name]
-        ref_key = max((k for k in der if k.startswith("optsens/") and "cold" not in k),
-                      key=lambda k: int(k.split("/")[1]), default=None)
+        ref_key = max(
+            (k for k in der if k.startswith("optsens/") and "cold" not in k),
+            key=lambda k: int(k.split("/")[1]),
+            default=None,
+        )
         ref = der[ref_key] if ref_key else None
         for m, rec in recs.items():
             for order, row in rec["rows"].items():
@@ -125,6 +135,7 @@ def ratios(cfgs: list[Config], col: dict) -> dict[str, dict[str, float | None]]:
         n = cfg.name
         recs = col["records"][n]
         cold = recs.get("optsens", {}).get("colds", {})
+        cached = recs.get("optsens", {}).get("cached_colds", {})
         vcold = recs.get("vittles", {}).get("colds", {})
         out[n] = {
             "vittles / optsens, warm o6": _ratio(total(col, n, "vittles", 6), total(col, n, "optsens", 6)),
@@ -138,25 +149,53 @@ def ratios(cfgs: list[Config], col: dict) -> dict[str, dict[str, float | None]]:
             "optsens o10 / o1, warm": _ratio(total(col, n, "optsens", 10), total(col, n, "optsens", 1)),
             "optsens cold o6 (s)": cold.get(6, {}).get("total_s"),
             "optsens cold o10 (s)": cold.get(10, {}).get("total_s"),
-            "vittles / optsens, cold o6": _ratio(vcold.get(6, {}).get("total_s"), cold.get(6, {}).get("total_s")),
+            "optsens cold o6, persistent cache (s)": cached.get(6, {}).get("total_s"),
+            "optsens cold o10, persistent cache (s)": cached.get(10, {}).get("total_s"),
+            "vittles / optsens, cold o6": _ratio(
+                vcold.get(6, {}).get("total_s"), cold.get(6, {}).get("total_s")
+            ),
         }
     return out
 
 
 TARGETS = [
-    ("warm, D=100, order 6: optsens >= 30x faster than vittles (construction + derivatives)",
-     "vittles / optsens, warm o6", "logistic-D100-p1", lambda r: r >= 30),
-    ("warm, order 8: optsens >= 10x faster than the nested trick (end to end)",
-     "nested / optsens, warm o8", "logistic-D100-p1", lambda r: r >= 10),
-    ("warm, order 6: optsens >= 3x faster than optimistix",
-     "optimistix / optsens, warm o6", "logistic-D100-p1", lambda r: r >= 3),
-    ("warm, end to end from construction, D=1000, N=10^4: order 10 <= 1.5x order 1",
-     "optsens o10 / o1, warm", "logistic-D1000-p1", lambda r: r <= 1.5),
+    (
+        "warm, D=100, order 6: optsens >= 30x faster than vittles (construction + derivatives)",
+        "vittles / optsens, warm o6",
+        "logistic-D100-p1",
+        lambda r: r >= 30,
+    ),
+    (
+        "warm, order 8: optsens >= 10x faster than the nested trick (end to end)",
+        "nested / optsens, warm o8",
+        "logistic-D100-p1",
+        lambda r: r >= 10,
+    ),
+    (
+        "warm, order 6: optsens >= 3x faster than optimistix",
+        "optimistix / optsens, warm o6",
+        "logistic-D100-p1",
+        lambda r: r >= 3,
+    ),
+    (
+        "warm, end to end from construction, D=1000, N=10^4: order 10 <= 1.5x order 1",
+        "optsens o10 / o1, warm",
+        "logistic-D1000-p1",
+        lambda r: r <= 1.5,
+    ),
     ("cold, D=100, order 6: optsens < 1 s", "optsens cold o6 (s)", "logistic-D100-p1", lambda r: r < 1.0),
-    ("cold, D=100, order 6: optsens no slower than vittles", "vittles / optsens, cold o6",
-     "logistic-D100-p1", lambda r: r >= 1.0),
-    ("cold, D=1000, order 10, logistic with logaddexp: optsens < 5 s incl. compilation",
-     "optsens cold o10 (s)", "logistic-D1000-p1", lambda r: r < 5.0),
+    (
+        "cold, D=100, order 6: optsens no slower than vittles",
+        "vittles / optsens, cold o6",
+        "logistic-D100-p1",
+        lambda r: r >= 1.0,
+    ),
+    (
+        "cold, D=1000, order 10, logistic with logaddexp: optsens < 5 s incl. compilation",
+        "optsens cold o10 (s)",
+        "logistic-D1000-p1",
+        lambda r: r < 5.0,
+    ),
 ]
 
 
@@ -183,8 +222,11 @@ def accuracy(cfgs, col, data, refit_thetas) -> list[dict]:
     rows = []
     for cfg in cfgs:
         der = col["derivs"][cfg.name]
-        key = max((k for k in der if k.startswith("optsens/") and "cold" not in k),
-                  key=lambda k: int(k.split("/")[1]), default=None)
+        key = max(
+            (k for k in der if k.startswith("optsens/") and "cold" not in k),
+            key=lambda k: int(k.split("/")[1]),
+            default=None,
+        )
         if key is None:
             continue
         d = der[key]
@@ -196,7 +238,14 @@ def accuracy(cfgs, col, data, refit_thetas) -> list[dict]:
             for k in range(1, d.shape[0] + 1):
                 approx = approx + h**k / math.factorial(k) * d[k - 1]
                 errs[k] = float(np.linalg.norm(approx - theta) / max(shift, 1e-300))
-            rows.append({"config": cfg.name, "step": h, "shift": float(shift), **{f"o{k}": e for k, e in errs.items()}})
+            rows.append(
+                {
+                    "config": cfg.name,
+                    "step": h,
+                    "shift": float(shift),
+                    **{f"o{k}": e for k, e in errs.items()},
+                }
+            )
     return rows
 
 
@@ -207,9 +256,28 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
     acc = accuracy(cfgs, col, data, refit_thetas)
 
     # ---- results.csv (long format)
-    fields = ["config", "problem", "D", "N", "p", "method", "order", "status", "warm_total_s",
-              "warm_construct_s", "warm_derivs_s", "first_call_s", "reps", "growth_vs_order1",
-              "cold_total_s", "cold_construct_s", "peak_mb", "rel_diff_vs_optsens", "validated_by", "note"]
+    fields = [
+        "config",
+        "problem",
+        "D",
+        "N",
+        "p",
+        "method",
+        "order",
+        "status",
+        "warm_total_s",
+        "warm_construct_s",
+        "warm_derivs_s",
+        "first_call_s",
+        "reps",
+        "growth_vs_order1",
+        "cold_total_s",
+        "cold_construct_s",
+        "peak_mb",
+        "rel_diff_vs_optsens",
+        "validated_by",
+        "note",
+    ]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
@@ -219,20 +287,32 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
                 for order in sorted(set(rec["rows"]) | set(rec["colds"])):
                     row, cold = rec["rows"].get(order, {}), rec["colds"].get(order, {})
                     ok = _reportable(m, row)
-                    w.writerow({
-                        "config": cfg.name, "problem": cfg.problem, "D": cfg.d, "N": cfg.n, "p": cfg.p,
-                        "method": m, "order": order, "status": row.get("status", "cold only")
-                        if ok or row.get("status") != "ok" else "disagrees",
-                        "warm_total_s": row.get("total_s") if ok else "",
-                        "warm_construct_s": row.get("construct_s") if ok else "",
-                        "warm_derivs_s": row.get("derivs_s") if ok else "",
-                        "first_call_s": row.get("first_s", ""), "reps": row.get("reps", ""),
-                        "growth_vs_order1": (row["total_s"] / t1) if ok and t1 else "",
-                        "cold_total_s": cold.get("total_s", ""), "cold_construct_s": cold.get("construct_s", ""),
-                        "peak_mb": rec.get("peak_mb", ""),
-                        "rel_diff_vs_optsens": row.get("rel_diff", cold.get("rel_diff", "")),
-                        "validated_by": row.get("validated_by", ""), "note": row.get("note", ""),
-                    })
+                    w.writerow(
+                        {
+                            "config": cfg.name,
+                            "problem": cfg.problem,
+                            "D": cfg.d,
+                            "N": cfg.n,
+                            "p": cfg.p,
+                            "method": m,
+                            "order": order,
+                            "status": row.get("status", "cold only")
+                            if ok or row.get("status") != "ok"
+                            else "disagrees",
+                            "warm_total_s": row.get("total_s") if ok else "",
+                            "warm_construct_s": row.get("construct_s") if ok else "",
+                            "warm_derivs_s": row.get("derivs_s") if ok else "",
+                            "first_call_s": row.get("first_s", ""),
+                            "reps": row.get("reps", ""),
+                            "growth_vs_order1": (row["total_s"] / t1) if ok and t1 else "",
+                            "cold_total_s": cold.get("total_s", ""),
+                            "cold_construct_s": cold.get("construct_s", ""),
+                            "peak_mb": rec.get("peak_mb", ""),
+                            "rel_diff_vs_optsens": row.get("rel_diff", cold.get("rel_diff", "")),
+                            "validated_by": row.get("validated_by", ""),
+                            "note": row.get("note", ""),
+                        }
+                    )
     with open(out / "accuracy.csv", "w", newline="") as fh:
         keys = ["config", "step", "shift"] + [f"o{k}" for k in ORDERS]
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
@@ -241,21 +321,27 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
 
     # ---- table.md
     md = ["# optsens benchmarks", ""]
-    md.append(f"Measured {datetime.date.today().isoformat()} on {info.get('cpu', '?')}, "
-              f"{info.get('cpus')} cores; Python {info.get('python')}, jax {info.get('jax')}, "
-              f"numpy {info.get('numpy')}, autograd {info.get('autograd')}, vittles {info.get('vittles')}, "
-              f"optimistix {info.get('optimistix')}. Command: `{info.get('command')}` "
-              f"({info.get('total_s', 0) / 60:.1f} min in all). Load average during the workers: "
-              f"{_load(results)}.")
+    md.append(
+        f"Measured {datetime.date.today().isoformat()} on {info.get('cpu', '?')}, "
+        f"{info.get('cpus')} cores; Python {info.get('python')}, jax {info.get('jax')}, "
+        f"numpy {info.get('numpy')}, autograd {info.get('autograd')}, vittles {info.get('vittles')}, "
+        f"optimistix {info.get('optimistix')}. Command: `{info.get('command')}` "
+        f"({info.get('total_s', 0) / 60:.1f} min in all). Load average during the workers: "
+        f"{_load(results)}."
+    )
     if quick:
         md += ["", "**--quick run: tiny sizes, processes shared between methods; the times mean nothing.**"]
-    md += ["", "Times are wall-clock seconds; *warm* = compiled code reused, best of several calls, "
-           "counting construction (Hessian, factorisation, expansion object) plus the derivatives "
-           "`D^k theta_hat[v..v]`, k = 1..K, along one direction; *cold* = the first call in a "
-           "fresh process (imports and data loading excluded), compilation included. A time is shown "
-           f"only if that method's derivatives agree with optsens' to a relative difference of "
-           f"{AGREE_RTOL:g} (optsens' own: with at least one independent method); `skip` = not run, "
-           "predicted over its time limit (listed below); `–` = not applicable.", ""]
+    md += [
+        "",
+        "Times are wall-clock seconds; *warm* = compiled code reused, best of several calls, "
+        "counting construction (Hessian, factorisation, expansion object) plus the derivatives "
+        "`D^k theta_hat[v..v]`, k = 1..K, along one direction; *cold* = the first call in a "
+        "fresh process (imports and data loading excluded), compilation included. A time is shown "
+        f"only if that method's derivatives agree with optsens' to a relative difference of "
+        f"{AGREE_RTOL:g} (optsens' own: with at least one independent method); `skip` = not run, "
+        "predicted over its time limit (listed below); `–` = not applicable.",
+        "",
+    ]
 
     md += ["## Targets", ""]
     trows = []
@@ -273,32 +359,61 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
         rrows.append([cfg.name] + [(fmt_time(vals[k]) if "(s)" in k else fmt_ratio(vals[k])) for k in keys])
     md += [_md_table(["problem"] + keys, rrows), ""]
 
-    md += ["## Warm cost by order", "", "Construction + derivatives along one direction; "
-           "last columns: growth (time of order K / order 1), cold first call, peak memory of the "
-           "process above its size after set-up, and the largest relative difference of the "
-           "method's derivatives from optsens' (for optsens: from the closest independent method).", ""]
+    md += [
+        "## Warm cost by order",
+        "",
+        "Construction + derivatives along one direction; "
+        "last columns: growth (time of order K / order 1), cold first call, peak memory of the "
+        "process above its size after set-up, and the largest relative difference of the "
+        "method's derivatives from optsens' (for optsens: from the closest independent method).",
+        "",
+    ]
     for cfg in cfgs:
         md += [f"### {cfg.problem}, D = {cfg.d}, N = {cfg.n}, p = {cfg.p}", ""]
-        header = ["method"] + [f"o{k}" for k in ORDERS] + ["o6/o1", "o8/o1", "o10/o1", "cold", "peak MB", "max rel diff"]
+        header = (
+            ["method"]
+            + [f"o{k}" for k in ORDERS]
+            + ["o6/o1", "o8/o1", "o10/o1", "cold", "peak MB", "max rel diff"]
+        )
         rows = []
         recs = col["records"][cfg.name]
         for m in [m for m in METHOD_ORDER if m in recs]:
             rec = recs[m]
             if rec["notes"] and not rec["rows"]:
-                rows.append([rec["label"]] + ["–"] * len(ORDERS) + ["", "", "", "", "", "; ".join(rec["notes"])[:120]])
+                rows.append(
+                    [rec["label"]] + ["–"] * len(ORDERS) + ["", "", "", "", "", "; ".join(rec["notes"])[:120]]
+                )
                 continue
             cells = [_cell(m, rec["rows"].get(k)) if k in rec["rows"] else "–" for k in ORDERS]
             t1 = total(col, cfg.name, m, 1)
-            growth = [fmt_ratio(_ratio(total(col, cfg.name, m, k), t1)) if m != "refit" else "–" for k in (6, 8, 10)]
+            growth = [
+                fmt_ratio(_ratio(total(col, cfg.name, m, k), t1)) if m != "refit" else "–" for k in (6, 8, 10)
+            ]
             colds = [f"{fmt_time(c['total_s'])} (o{o})" for o, c in sorted(rec["colds"].items())]
-            diffs = [r.get("rel_diff") for r in rec["rows"].values() if np.isfinite(r.get("rel_diff", np.nan))]
-            rows.append([rec["label"]] + cells + growth + [", ".join(colds),
-                         f"{rec['peak_mb']:.0f}" if rec.get("peak_mb") is not None else "",
-                         f"{max(diffs):.1e}" if diffs else ("refit" if m == "refit" else "")])
+            colds += [
+                f"{fmt_time(c['total_s'])} (o{o}, cache)" for o, c in sorted(rec["cached_colds"].items())
+            ]
+            diffs = [
+                r.get("rel_diff") for r in rec["rows"].values() if np.isfinite(r.get("rel_diff", np.nan))
+            ]
+            rows.append(
+                [rec["label"]]
+                + cells
+                + growth
+                + [
+                    ", ".join(colds),
+                    f"{rec['peak_mb']:.0f}" if rec.get("peak_mb") is not None else "",
+                    f"{max(diffs):.1e}" if diffs else ("refit" if m == "refit" else ""),
+                ]
+            )
         md += [_md_table(header, rows), ""]
 
-    md += ["## Derivatives only (warm, the `EstimatingEquation` already built)", "",
-           "optsens' Taylor mode against the nested trick on the same factorised H.", ""]
+    md += [
+        "## Derivatives only (warm, the `EstimatingEquation` already built)",
+        "",
+        "optsens' Taylor mode against the nested trick on the same factorised H.",
+        "",
+    ]
     drows = []
     for cfg in cfgs:
         for m in ("optsens", "nested"):
@@ -309,12 +424,18 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
             drows.append([cfg.name, m] + cells + [fmt_time(total(col, cfg.name, m, 1, "construct_s"))])
     md += [_md_table(["problem", "method"] + [f"o{k}" for k in ORDERS] + ["construction"], drows), ""]
 
-    md += ["## Accuracy against exact refits", "",
-           "Relative error `norm(theta_K(eps0 + h v) - theta_refit) / norm(theta_refit - theta0)` of the "
-           "order-K Taylor polynomial (optsens' derivatives), refits by Newton to 1e-14.", ""]
-    arows = [[r["config"], f"{r['step']:g}", f"{r['shift']:.3g}"] +
-             [f"{r[f'o{k}']:.1e}" if f"o{k}" in r else "–" for k in (1, 2, 3, 4, 6, 8, 10)]
-             for r in acc]
+    md += [
+        "## Accuracy against exact refits",
+        "",
+        "Relative error `norm(theta_K(eps0 + h v) - theta_refit) / norm(theta_refit - theta0)` of the "
+        "order-K Taylor polynomial (optsens' derivatives), refits by Newton to 1e-14.",
+        "",
+    ]
+    arows = [
+        [r["config"], f"{r['step']:g}", f"{r['shift']:.3g}"]
+        + [f"{r[f'o{k}']:.1e}" if f"o{k}" in r else "–" for k in (1, 2, 3, 4, 6, 8, 10)]
+        for r in acc
+    ]
     md += [_md_table(["problem", "h", "shift norm"] + [f"o{k}" for k in (1, 2, 3, 4, 6, 8, 10)], arows), ""]
 
     skipped = []
@@ -346,14 +467,21 @@ def _plots(out: Path, cfgs: list[Config], col: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"optsens": "C0", "vittles": "C1", "nested": "C2", "optimistix": "C3",
-               "nested_autograd": "C4", "refit": "0.4"}
+    colours = {
+        "optsens": "C0",
+        "vittles": "C1",
+        "nested": "C2",
+        "optimistix": "C3",
+        "nested_autograd": "C4",
+        "refit": "0.4",
+    }
     for p in sorted({c.p for c in cfgs}):
         sub = [c for c in cfgs if c.p == p]
         problems = sorted({c.problem for c in sub})
         ds = sorted({c.d for c in sub})
-        fig, axes = plt.subplots(len(problems), len(ds), figsize=(4.2 * len(ds), 3.4 * len(problems)),
-                                 squeeze=False, sharex=True)
+        fig, axes = plt.subplots(
+            len(problems), len(ds), figsize=(4.2 * len(ds), 3.4 * len(problems)), squeeze=False, sharex=True
+        )
         for i, prob in enumerate(problems):
             for j, d in enumerate(ds):
                 ax = axes[i][j]
@@ -372,8 +500,14 @@ def _plots(out: Path, cfgs: list[Config], col: dict) -> None:
                         continue
                     ks = [k for k in ORDERS if total(col, cfg.name, m, k) is not None]
                     if ks:
-                        ax.plot(ks, [total(col, cfg.name, m, k) for k in ks], "o-", ms=3,
-                                color=colours.get(m), label=rec["label"])
+                        ax.plot(
+                            ks,
+                            [total(col, cfg.name, m, k) for k in ks],
+                            "o-",
+                            ms=3,
+                            color=colours.get(m),
+                            label=rec["label"],
+                        )
                 ax.set_yscale("log")
                 ax.set_title(f"{prob}, D={d}, N={cfg.n}, p={p}", fontsize=9)
                 ax.grid(True, which="both", alpha=0.3)
@@ -388,8 +522,11 @@ def _plots(out: Path, cfgs: list[Config], col: dict) -> None:
                     handles.append(h)
                     labels.append(lab)
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-        fig.suptitle("Cost of D^1..D^K theta_hat[v..v] (construction + derivatives, warm); "
-                     "missing points: skipped or not agreeing", fontsize=9)
+        fig.suptitle(
+            "Cost of D^1..D^K theta_hat[v..v] (construction + derivatives, warm); "
+            "missing points: skipped or not agreeing",
+            fontsize=9,
+        )
         fig.tight_layout(rect=(0, 0.08, 1, 0.96))
         fig.savefig(out / f"cost_vs_order_p{p}.png", dpi=110)
         plt.close(fig)

@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+
 from _bench_problems import Config  # noqa: E402
 
 now = time.perf_counter
@@ -153,6 +154,15 @@ def main(spec_path: str) -> None:
     loaded = np.load(spec["data"])
     data = {k: loaded[k] for k in loaded.files}
     from _bench_methods import METHODS
+
+    if spec.get("compilation_cache_dir"):
+        # JAX's persistent compilation cache: compiled code written by an earlier
+        # process is loaded instead of compiled (tracing and lowering still run).
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", spec["compilation_cache_dir"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     results, store = [], {}
     for i, name in enumerate(spec["methods"]):

@@ -74,14 +74,15 @@ def newton_solve(
     *,
     args: tuple = (),
     objective: bool = False,
-    tol: float = 1e-12,
+    tol: float | None = None,
     max_steps: int = 100,
 ) -> Any:
     """Solve ``G(theta, eps) = 0`` from `theta_init` by damped Newton steps.
 
     ``theta <- theta - alpha H^{-1} G`` with the step `alpha` halved until the merit
     (the objective `fn` if `objective`, else ``||G||^2 / 2``) does not increase.
-    Stops when the step is below ``tol * max(1, ||theta||_inf)``.
+    Stops when the step is below ``tol * max(1, ||theta||_inf)`` (default `tol`: 1e-12
+    in float64, 1e-5 in float32) or when ``G`` has fallen to rounding level.
 
     **Arguments:** `fn` is ``g(theta, eps, *args)`` or, with `objective=True`, the
     objective ``f(theta, eps, *args)`` to minimise; `theta_init` and `eps` are
@@ -89,6 +90,8 @@ def newton_solve(
     `NotASolutionError` if it does not converge within `max_steps`.
     """
     theta_init = as_float_tree(theta_init, "theta_init")
+    if tol is None:  # a few hundred ulps of the working precision
+        tol = 1e-12 if TreeLayout.of(theta_init).dtype == jnp.float64 else 1e-5
     eps = as_float_tree(eps, "eps")
     kind = "objective" if objective else "equation"
     problem = FlatProblem(fn, kind, TreeLayout.of(theta_init), TreeLayout.of(eps))

@@ -430,7 +430,9 @@ class _JetRule(_Rule):
 
     def correct(self, ins, in_delta, outs, k):
         new = self._call(ins, k)  # the inputs' coefficient k is already updated
-        return [None if n is None else (n if c[k] is None else n - c[k]) for n, c in zip(new, outs, strict=True)]
+        return [
+            None if n is None else (n if c[k] is None else n - c[k]) for n, c in zip(new, outs, strict=True)
+        ]
 
 
 class _ZeroRule(_Rule):

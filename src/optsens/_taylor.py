@@ -158,7 +158,8 @@ _AUTO_CHOICE: dict[Any, tuple[str, str]] = {}
 
 def _choose_method(eq: EstimatingEquation, order: int, qoi, out_layout) -> tuple[str, str]:
     """Taylor mode if it traces, else nested forward mode; cached per problem."""
-    key = (eq.problem, order, qoi, out_layout)
+    # The data's structure matters too: Taylor mode may trace for one and not another.
+    key = (eq.problem, TreeLayout.of(eq.args), order, qoi, out_layout)
     if key in _AUTO_CHOICE:
         return _AUTO_CHOICE[key]
     v = jnp.zeros_like(eq.eps0_flat)
