@@ -2,6 +2,7 @@
 
     python benchmarks/bench_weights.py           # full sizes (a few minutes on 2 cores)
     python benchmarks/bench_weights.py --quick   # tiny sizes, seconds
+    python benchmarks/bench_weights.py --sections newton breast_cancer   # some sections only
 
 Sections (every ratio is measured in this run, side by side):
 
@@ -18,6 +19,10 @@ Sections (every ratio is measured in this run, side by side):
 3. Accuracy: breast_cancer (standardised, L2 logistic regression, lambda = 1, N = 569,
    D = 31): all 569 exact leave-one-out refits against IJ orders 1-3 and the Newton step:
    mean LOO log-loss and median relative parameter error.
+4. The Newton step (ALO) for leave-one-out, N = 10^4, D = 50 (L2 logistic): the rank-one
+   Woodbury update of H's factorisation (declared `linear_predictor`) against a fresh
+   D x D factorisation per fold, side by side, with statsmodels' `params_one` (same
+   formula, unpenalised GLM on the same data) for scale.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def logistic_loss(theta, d):
 
 def l2_penalty(theta):
     return 0.5 * theta[1:] @ theta[1:]
+
+
+def linear_predictor(theta, d):
+    return d["x"] @ theta
 
 
 def logistic_data(n, d, seed=0):
@@ -197,7 +206,9 @@ def section_breast_cancer(n_folds):
     x, y = load_breast_cancer(return_X_y=True)
     x = (x - x.mean(0)) / x.std(0)
     data = {"x": np.hstack([np.ones((x.shape[0], 1)), x]), "y": y.astype(float)}
-    model = optsens.MEstimator.from_loss(logistic_loss, data, jnp.zeros(31), penalty=l2_penalty).fit()
+    model = optsens.MEstimator.from_loss(
+        logistic_loss, data, jnp.zeros(31), penalty=l2_penalty, linear_predictor=linear_predictor
+    ).fit()
     n = model.n_obs
     folds = np.arange(n)[:, None] if n_folds is None else np.arange(n_folds)[:, None]
     nf = folds.shape[0]
@@ -242,28 +253,82 @@ def section_breast_cancer(n_folds):
     print(
         f"(relative error = |theta_approx - theta_exact| / |theta_exact - theta0| per fold, over the "
         f"{int(moved.sum())} folds whose exact change exceeds 1e-8 |theta0|; order-3 series incl. "
-        f"compilation: {t_series:.2f} s; exact refits are warm-started Newton)"
+        f"compilation: {t_series:.2f} s; exact refits are warm-started Newton; Newton step by the "
+        "Woodbury update)"
     )
+
+
+# --------------------------------------------------------- Newton step: low rank
+def section_newton_low_rank(n, d):
+    import statsmodels.api as sm
+
+    print(
+        f"\n## 4. Newton-step LOO (ALO), L2 logistic, N = {n:,}, D = {d}: Woodbury update vs a D x D "
+        "factorisation per fold"
+    )
+    x, y = logistic_data(n, d, seed=3)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    dense = optsens.MEstimator.from_loss(logistic_loss, data, jnp.zeros(d), penalty=l2_penalty).fit()
+
+    def fresh(low_rank):
+        extra = {"linear_predictor": linear_predictor} if low_rank else {}
+        return optsens.MEstimator.from_loss(logistic_loss, data, dense.theta, penalty=l2_penalty, **extra)
+
+    low = fresh(True)
+    loo = lambda m: block(m.leave_out("loo", method="newton"))  # noqa: E731
+    loo(dense), loo(low)  # compile (and, for `low`, check the declaration against H)
+    t_dense, t_low = best_of(lambda: loo(dense)), best_of(lambda: loo(low))
+    # a fresh model: H formed, checked, factorised (and the declaration checked) inside the time
+    t_dense_fresh, t_low_fresh = best_of(lambda: loo(fresh(False))), best_of(lambda: loo(fresh(True)))
+    agree = float(np.max(np.abs(np.asarray(loo(dense)) - np.asarray(loo(low)))))
+    res = sm.GLM(y, x, family=sm.families.Binomial()).fit(tol=1e-12)
+    t_sm = best_of(lambda: res.get_influence().params_one)
+    print(f"{'':<44} {'dense':>9} {'Woodbury':>9} {'speed-up':>9}")
+    print(
+        f"{'leave_out(loo, newton), H cached':<44} {t_dense:>8.3f}s {t_low:>8.3f}s {t_dense / t_low:>8.1f}x"
+    )
+    print(
+        f"{'the same on a fresh model (H incl.)':<44} {t_dense_fresh:>8.3f}s {t_low_fresh:>8.3f}s "
+        f"{t_dense_fresh / t_low_fresh:>8.1f}x"
+    )
+    print(f"max |Woodbury - dense| = {agree:.1e}")
+    print(
+        f"statsmodels GLMInfluence.params_one (unpenalised GLM, same data): {t_sm:.3f} s "
+        f"= {t_sm / t_low:.1f}x the Woodbury time"
+    )
+    return t_dense / t_low
+
+
+SECTIONS = ("scale", "statsmodels", "breast_cancer", "newton")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", category=DeprecationWarning)
     platform = jax.devices()[0].platform
     print(
         f"optsens {optsens.__version__}, jax {jax.__version__}, {platform}, python {sys.version.split()[0]}"
     )
-    if args.quick:
-        ratio = section_scale(20_000, 20)
-        section_statsmodels([2_000], 10, 40_000)
-        section_breast_cancer(60)
-    else:
-        ratio = section_scale(1_000_000, 20)
-        section_statsmodels([10_000, 100_000], 10, 1_000_000)
-        section_breast_cancer(None)
-    print(f"\nscale ratio influence(qoi) / (Hessian + gradient): {ratio:.2f}x")
+    run = set(args.sections)
+    ratio = speedup = None
+    if "scale" in run:
+        ratio = section_scale(20_000, 20) if args.quick else section_scale(1_000_000, 20)
+    if "statsmodels" in run:
+        if args.quick:
+            section_statsmodels([2_000], 10, 40_000)
+        else:
+            section_statsmodels([10_000, 100_000], 10, 1_000_000)
+    if "breast_cancer" in run:
+        section_breast_cancer(60 if args.quick else None)
+    if "newton" in run:
+        speedup = section_newton_low_rank(1_000, 20) if args.quick else section_newton_low_rank(10_000, 50)
+    if ratio is not None:
+        print(f"\nscale ratio influence(qoi) / (Hessian + gradient): {ratio:.2f}x")
+    if speedup is not None:
+        print(f"Newton-step LOO speed-up, Woodbury over dense factorisations: {speedup:.1f}x")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ exact refits, and statsmodels' influence measures where the definitions coincide
 """
 
 import concurrent.futures
+import contextlib
+import io
 import multiprocessing
 import os
 import pickle
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -278,6 +282,84 @@ def test_equation_form_matches_loss_form(logistic):
         model.cv_score(folds)
 
 
+# ------------------------------------------- Newton step: Woodbury versus dense
+def linear_predictor(theta, d):
+    return d["x"] @ theta
+
+
+def test_woodbury_newton_step_equals_dense(logistic):
+    # from_loss with `linear_predictor`: rank-one per-observation Hessians, so the Newton
+    # step is a Woodbury update of H's factorisation; without it, a D x D factorisation
+    # per fold. Same numbers, for LOO and for padded folds of 1 and 3 (m k < D = 4).
+    low_rank = MEstimator.from_loss(
+        logistic_loss, logistic.data, logistic.theta, penalty=l2_penalty, linear_predictor=linear_predictor
+    )
+    folds = ["loo", [np.array([4]), np.array([7, 30, 31])]]
+    for f in folds:
+        dense = np.asarray(logistic.leave_out(f, method="newton"))
+        np.testing.assert_allclose(low_rank.leave_out(f, method="newton"), dense, rtol=0, atol=1e-10)
+    # the estimating-function form (LU, non-symmetric Woodbury solve) agrees too
+    g_form = MEstimator(
+        jax.grad(logistic_loss), logistic.data, logistic.theta, penalty=jax.grad(l2_penalty),
+        linear_predictor=linear_predictor,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        g_form.leave_out(folds[1], method="newton"), logistic.leave_out(folds[1], method="newton"), atol=1e-10
+    )
+    # k = 2 outputs (the two halves of x @ theta, whose sum is the logit): 2 x 2 blocks
+    eta2 = lambda th, d: jnp.stack([d["x"][:2] @ th[:2], d["x"][2:] @ th[2:]])
+    low2 = MEstimator.from_loss(
+        logistic_loss, logistic.data, logistic.theta, penalty=l2_penalty, linear_predictor=eta2
+    )
+    dense_loo = logistic.leave_out("loo", method="newton")
+    np.testing.assert_allclose(low2.leave_out("loo", method="newton"), dense_loo, rtol=0, atol=1e-10)
+    # a declaration that does not describe the loss is caught against H
+    wrong = MEstimator.from_loss(
+        logistic_loss,
+        logistic.data,
+        logistic.theta,
+        penalty=l2_penalty,
+        linear_predictor=lambda th, d: d["x"][:2] @ th[:2],
+    )
+    with pytest.raises(OptsensError, match="`linear_predictor` does not describe"):
+        wrong.leave_out("loo", method="newton")
+    with pytest.raises(OptsensError, match="linear_predictor"):
+        MEstimator.from_loss(
+            logistic_loss, logistic.data, logistic.theta, linear_predictor=lambda th, d: jnp.outer(th, th)
+        )
+
+
+def dummy_logistic(n=40):
+    """Logistic data with a dummy column that is 1 only for observations 0 and 1 (labels 1, 0)."""
+    data = small_logistic(n, d=2, seed=3)
+    dummy = np.zeros((n, 1))
+    dummy[:2] = 1.0
+    data = {"x": np.hstack([data["x"], dummy]), "y": data["y"].copy()}
+    data["y"][:2] = [1.0, 0.0]
+    return data
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_newton_step_reports_unidentified_and_indefinite_folds(low_rank):
+    predictor = {"linear_predictor": linear_predictor} if low_rank else {}
+    # no penalty: without observations 0 and 1 the dummy's coefficient is not identified
+    model = MEstimator.from_loss(logistic_loss, dummy_logistic(), jnp.zeros(4), **predictor).fit()
+    folds = [np.array([5]), np.array([0, 1]), np.array([2, 3])]
+    with pytest.raises(optsens.SingularHessianError, match=r"without `folds`\[1\].*1 of 3 folds"):
+        model.leave_out(folds, method="newton")
+    model.leave_out(folds, order=1)  # first-order IJ needs only H
+    if not low_rank:
+        with pytest.raises(optsens.SingularHessianError, match="bootstrap draw"):
+            model.bootstrap(30, jax.random.key(0), method="newton")
+    # a concave penalty: H is positive definite, H - H_S without the dummy's rows is not
+    data = dummy_logistic(12)
+    concave = lambda th: -0.25 * th @ th
+    ls = MEstimator.from_loss(squared_loss, data, jnp.zeros(4), penalty=concave, **predictor).fit()
+    with pytest.raises(optsens.IndefiniteHessianError, match=r"`folds`\[1\].*indefinite"):
+        ls.leave_out(folds, method="newton")
+    ls.leave_out(folds[::2], method="newton")  # the other folds are fine
+
+
 # ---------------------------------------------------------------- statsmodels
 def test_statsmodels_ols_dfbeta_is_the_newton_step():
     rng = np.random.default_rng(4)
@@ -287,8 +369,11 @@ def test_statsmodels_ols_dfbeta_is_the_newton_step():
     model = MEstimator.from_statsmodels(res)
     dfbeta = OLSInfluence(res).dfbeta  # params - params_(-i), from an explicit LOO loop
     newton = np.asarray(model.leave_out("loo", method="newton"))
-    # exact for least squares: agreement to rounding (|dfbeta| ~ 0.1; 1e-8 asked, ~1e-15 seen)
+    # exact for least squares: agreement to rounding (|dfbeta| ~ 0.1; 1e-8 asked, ~1e-15 seen),
+    # by the Woodbury update (from_statsmodels declares x theta) and by dense factorisations
     np.testing.assert_allclose(np.asarray(model.theta) - newton, dfbeta, rtol=0, atol=1e-10)
+    dense = MEstimator.from_statsmodels(res, linear_predictor=None).leave_out("loo", method="newton")
+    np.testing.assert_allclose(np.asarray(model.theta) - dense, dfbeta, rtol=0, atol=1e-10)
     # first-order IJ is only first-order: params - IJ differs from dfbeta by O(h) relative
     ij = np.asarray(model.leave_out("loo", order=1))
     assert np.abs(np.asarray(model.theta) - ij - dfbeta).max() > 1e-4
@@ -319,6 +404,9 @@ def test_statsmodels_glm_params_one_is_the_newton_step(family):
     # link: rank-one per-observation Hessian, so this is exactly one Newton step without i)
     np.testing.assert_allclose(newton, infl.params_one, rtol=0, atol=1e-10)
     np.testing.assert_allclose(np.asarray(model.theta) - newton, infl.d_params, rtol=0, atol=1e-10)
+    # the same by dense factorisations of H - H_i (no declared linear predictor)
+    dense = MEstimator.from_statsmodels(res, polish=False, linear_predictor=None)
+    np.testing.assert_allclose(dense.leave_out("loo", method="newton"), newton, rtol=0, atol=1e-10)
 
 
 def test_statsmodels_unsupported_models_say_so():
@@ -406,9 +494,28 @@ def test_refit_through_executors_matches_serial():
         assert reduced.newton_step_norm < 1e-10
 
 
+def test_refit_through_a_dask_distributed_client():
+    # The issue's requirement: a dask.distributed client's executor. An in-process local
+    # cluster (one worker thread) starts offline in well under a second; tasks go through
+    # dask's scheduler, futures and `concurrent.futures` wrapper like on a real cluster.
+    import distributed
+
+    data = small_logistic(40, seed=6)
+    est = LogisticRegression(C=1.0, tol=1e-10).fit(data["x"][:, 1:], data["y"])
+    model = MEstimator.from_sklearn(est, data["x"][:, 1:], data["y"])
+    folds = [np.array([0]), np.array([1, 2]), np.array([3])]
+    with distributed.Client(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as client:
+        out = model.refit(folds, executor=client.get_executor(), progress=False, tasks=2)
+    serial = model.refit(folds, progress=False)
+    np.testing.assert_allclose(out["coef"], serial["coef"], rtol=1e-12)
+    np.testing.assert_allclose(out["intercept"], serial["intercept"], rtol=1e-12)
+
+
 @pytest.mark.skipif(
     not os.environ.get("OPTSENS_SLOW_TESTS"),
-    reason="spawns a process that imports JAX (~5 s); set OPTSENS_SLOW_TESTS=1",
+    reason="spawns processes that import JAX (~15 s); set OPTSENS_SLOW_TESTS=1",
 )
 def test_refit_through_a_process_pool():
     data = small_logistic(40, seed=6)
@@ -420,6 +527,34 @@ def test_refit_through_a_process_pool():
         spawned = model.refit(folds, executor=pool, progress=False)
     serial = model.refit(folds, progress=False)
     np.testing.assert_allclose(spawned["coef"], serial["coef"], rtol=1e-12)
+    # a dask cluster whose worker is another process: the payload is pickled to it
+    import distributed
+
+    with (
+        distributed.LocalCluster(
+            processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        on_dask = model.refit(folds, executor=client.get_executor(), progress=False)
+    np.testing.assert_allclose(on_dask["coef"], serial["coef"], rtol=1e-12)
+
+
+# ----------------------------------------------------------- the docs' example
+@pytest.mark.skipif(
+    not os.environ.get("OPTSENS_SLOW_TESTS"),
+    reason="~30 s (6 penalties x 569 refits); set OPTSENS_SLOW_TESTS=1",
+)
+def test_docs_approximate_cv_example_runs_and_agrees():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "weights.md").read_text()
+    section = doc[doc.index("## Approximate cross-validation: choosing a penalty") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/weights.md", "exec"), {"__name__": "docs_example"})
+    printed = out.getvalue()
+    for name in ("IJ order 3", "Newton    ", "exact     "):
+        assert f"{name} chooses lambda = 1.0" in printed, printed
 
 
 # ------------------------------------------------------------------ bad input

@@ -4,9 +4,10 @@ Each constructor rewrites the fitted model as ``sum_n w_n loss_n(theta) + penalt
 with the same minimiser as the original library's objective (the overall scale of
 an objective does not move its minimiser, so e.g. scikit-learn's
 ``C sum_n s_n loss_n + |coef|^2 / 2`` becomes ``sum_n s_n loss_n + |coef|^2 / (2 C)``),
-then, with ``polish=True``, refines the parameters by Newton's method: the
-libraries stop at tolerances (scikit-learn's default ``tol=1e-4``) far looser than
-derivatives need.
+declares its linear predictor ``x theta + offset`` (so the Newton step uses the
+rank-one Woodbury update; see `MEstimator`), then, with ``polish=True``, refines
+the parameters by Newton's method: the libraries stop at tolerances
+(scikit-learn's default ``tol=1e-4``) far looser than derivatives need.
 
 Supported:
 
@@ -167,6 +168,7 @@ def from_statsmodels(cls, results: Any, *, polish: bool = True, **kwargs: Any):
     if endog.ndim != 1:
         raise OptsensError(f"`results.model.endog` must be one-dimensional; got shape {endog.shape}.")
     data = {"x": exog, "y": endog, "offset": offset}
+    kwargs.setdefault("linear_predictor", _linear_predictor_flat)  # rank-one Hessians: Woodbury ALO
     est = cls.from_loss(loss, data, np.asarray(res.params, dtype=float), weights=weights, **kwargs)
     return est.fit() if polish else est
 
@@ -256,5 +258,6 @@ def from_sklearn(
     theta = {"coef": coef}
     if estimator.fit_intercept:
         theta["intercept"] = np.asarray(estimator.intercept_, dtype=float).reshape(-1)[0]
+    kwargs.setdefault("linear_predictor", _sk_linear_predictor)  # rank-one Hessians: Woodbury ALO
     est = cls.from_loss(loss, {"x": X, "y": target}, theta, penalty=penalty, weights=weights, **kwargs)
     return est.fit() if polish else est

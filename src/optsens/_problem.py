@@ -156,8 +156,8 @@ class EstimatingEquation(eqx.Module):
         args = jax.tree_util.tree_map(jnp.asarray, args)
         if not jax.tree_util.tree_leaves(theta0):
             raise ValueError("`theta0` has no arrays in it; it must hold the parameters.")
-        for name, tree in (("theta0", theta0), ("eps0", eps0), ("args", args)):
-            _check_finite_input(name, tree)
+        if _is_concrete((theta0, eps0, args)):
+            _check_finite_inputs({"theta0": theta0, "eps0": eps0, "args": args})
         theta_layout, eps_layout = TreeLayout.of(theta0), TreeLayout.of(eps0)
         if solver == "cholesky" and _kind != "objective":
             raise ValueError(
@@ -192,21 +192,24 @@ class EstimatingEquation(eqx.Module):
         else:
             # One compiled call forms H, factorises it and computes everything the
             # checks need (compiled once per function and shape, like the kernels).
-            hessian, factorised, residual_flat, norms = _factorise(
+            hessian, factorised, summary = _factorise(
                 problem, solver, regularization, theta0_flat, eps0_flat, args
             )
             self.solver = factorised
             cond = float("nan")
             if concrete:
-                _check_finite_hessian(hessian, theta_layout)
-                cond = _check_factorisation(factorised, hessian, problem, cond_max, norms)
+                # One transfer of a few scalars; the arrays are fetched only to explain a failure.
+                summary = jax.device_get(summary)
+                if not summary["hessian_finite"]:
+                    _check_finite_hessian(hessian, theta_layout)
+                cond = _check_factorisation(factorised, hessian, problem, cond_max, summary)
 
-        if concrete:
-            residual, step = _check_solution(
-                self, residual_rtol, None if solver in ("cg", "gmres") else residual_flat
-            )
-        else:
+        if not concrete:
             residual, step = float("nan"), float("nan")
+        elif solver in ("cg", "gmres"):
+            residual, step = _check_solution(self, residual_rtol)
+        else:
+            residual, step = _check_newton_step(self, residual_rtol, summary)
         self.residual_norm = residual
         self.newton_step_norm = step
         self.condition_number = cond
@@ -258,7 +261,19 @@ class EstimatingEquation(eqx.Module):
 
 
 # ---------------------------------------------------------------------- checks
+_STRUCTURE_CHECKED: set = set()
+
+
 def _check_output_structure(problem: FlatProblem, theta0, eps0, args) -> None:
+    # Tracing the user's function costs about a millisecond: remember what passed.
+    key = (problem, TreeLayout.of(args))
+    if key in _STRUCTURE_CHECKED:
+        return
+    _check_output_structure_uncached(problem, theta0, eps0, args)
+    _STRUCTURE_CHECKED.add(key)
+
+
+def _check_output_structure_uncached(problem: FlatProblem, theta0, eps0, args) -> None:
     name = "f" if problem.kind == "objective" else "g"
     try:
         out = jax.eval_shape(problem.fn, theta0, eps0, *args)
@@ -282,16 +297,26 @@ def _check_output_structure(problem: FlatProblem, theta0, eps0, args) -> None:
         )
 
 
-def _check_finite_input(name: str, tree: Any) -> None:
-    """NaN or infinity in `theta0`, `eps0` or the data, named by pytree path."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            continue
+@jax.jit
+def _leaves_finite(tree):
+    return [
+        jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(True)
+        for x in jax.tree_util.tree_leaves(tree)
+    ]
+
+
+def _check_finite_inputs(named: dict) -> None:
+    """NaN or infinity in `theta0`, `eps0` or the data, named by pytree path (one
+    compiled reduction over all leaves; the offending leaf is fetched only on failure)."""
+    if all(jax.device_get(_leaves_finite(named))):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(named)[0]:
         values = np.asarray(leaf)
-        if not np.all(np.isfinite(values)):
+        if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
             where = np.argwhere(~np.isfinite(values))[:3].tolist()
+            name = path[0].key + jax.tree_util.keystr(path[1:])
             raise NonFiniteError(
-                f"`{name}{jax.tree_util.keystr(path)}` has {int((~np.isfinite(values)).sum())} "
+                f"`{name}` has {int((~np.isfinite(values)).sum())} "
                 f"non-finite entries (first at indices {where}); pass finite values (drop or "
                 "impute missing data before building the equation)."
             )
@@ -331,15 +356,29 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
     factorised = (CholeskySolver if solver == "cholesky" else LUSolver).factorise(hessian)
     residual = problem.equation(theta0_flat, eps0_flat, args)
     x0 = jax.random.normal(jax.random.PRNGKey(0), theta0_flat.shape, theta0_flat.dtype)
-    norm_h = _power_norm(lambda x: hessian @ x, lambda x: hessian.T @ x, x0)
-    norm_inv = _power_norm(factorised.solve, factorised.transpose_solve, x0)
-    return hessian, factorised, residual, (norm_h, norm_inv)
+    step = factorised.solve(residual)
+    summary = {
+        "hessian_finite": jnp.all(jnp.isfinite(hessian)),
+        "factor_finite": jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(factorised)])
+        ),
+        "norm_h": _power_norm(lambda x: hessian @ x, lambda x: hessian.T @ x, x0),
+        "norm_inv": _power_norm(factorised.solve, factorised.transpose_solve, x0),
+        "residual_finite": jnp.all(jnp.isfinite(residual)),
+        "residual_norm": jnp.linalg.norm(residual),
+        "step_norm": jnp.max(jnp.abs(step), initial=0.0),
+        "theta_scale": jnp.maximum(1.0, jnp.max(jnp.abs(theta0_flat), initial=0.0)),
+    }
+    return hessian, factorised, summary
 
 
-def _check_factorisation(solver, hessian, problem: FlatProblem, cond_max: float, norms) -> float:
+def _check_factorisation(solver, hessian, problem: FlatProblem, cond_max: float, summary) -> float:
+    cond = float(summary["norm_h"]) * float(summary["norm_inv"])
+    if summary["factor_finite"] and np.isfinite(cond) and cond <= cond_max:
+        return cond
     names = problem.theta.leaf_names()
     hessian_np = np.asarray(hessian)
-    if not solver.is_finite():
+    if not summary["factor_finite"]:
         if problem.symmetric:
             eigvals, eigvecs = np.linalg.eigh((hessian_np + hessian_np.T) / 2)
             scale = max(np.max(np.abs(eigvals)), np.finfo(float).tiny)
@@ -357,7 +396,6 @@ def _check_factorisation(solver, hessian, problem: FlatProblem, cond_max: float,
             _raise_singular(float("inf"), eigvecs[:, 0], names, cond_max)
         _, _, vt = np.linalg.svd(hessian_np)
         _raise_singular(float("inf"), vt[-1], names, cond_max)
-    cond = float(norms[0]) * float(norms[1])
     if not np.isfinite(cond) or cond > cond_max:
         if problem.symmetric:
             _, eigvecs = np.linalg.eigh((hessian_np + hessian_np.T) / 2)
@@ -378,6 +416,16 @@ def _raise_singular(cond: float, null_direction, names, cond_max: float):
         "minimum-movement path (see its documentation), or raise `cond_max` if this "
         "conditioning is expected."
     )
+
+
+def _check_newton_step(eq: EstimatingEquation, residual_rtol: float, summary) -> tuple[float, float]:
+    """The solution check from the scalars computed with the factorisation."""
+    if not summary["residual_finite"]:
+        return _check_solution(eq, residual_rtol)  # fetches G to name the bad entries
+    residual_norm, step_norm = float(summary["residual_norm"]), float(summary["step_norm"])
+    if np.isfinite(step_norm) and step_norm <= residual_rtol * float(summary["theta_scale"]):
+        return residual_norm, step_norm
+    return _check_solution(eq, residual_rtol)  # raises with the full message
 
 
 def _check_solution(eq: EstimatingEquation, residual_rtol: float, residual=None) -> tuple[float, float]:

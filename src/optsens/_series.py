@@ -548,8 +548,13 @@ class _JvpRule(_Rule):
 
         return jax.make_jaxpr(jvp_of_f)(*primals, *tangents0)
 
-    def _start(self, ins, outs):
-        """Order 1: build the online state of the JVP at ``(x_0, x'_0 = x_1)``."""
+    def _start(self, ins, outs, k) -> bool:
+        """Build the online state of the JVP, at order ``k - 1``, from the inputs'
+        coefficients up to ``k``. Until some moving input has a nonzero coefficient the
+        outputs' are zero too (the JVP is linear in ``x'``) and nothing is built:
+        returns ``False``."""
+        if all(ins[i][1][j] is None for i in self.moving_idx for j in range(1, k + 1)):
+            return False
         primals = [p for p, _ in ins]
         tangents0 = []
         for i in self.moving_idx:
@@ -572,6 +577,22 @@ class _JvpRule(_Rule):
         moving = [*self.in_moving, *([True] * len(tangents0))]
         self.inner = SeriesState(closed, [*primals, *tangents0], moving, memo)
         self.n_out = len(outs)
+        for j in range(1, k):  # catch up: x_j and x'_j = (j + 1) x_{j+1}
+            self.inner.extend(self._inner_tops(ins, j))
+        return True
+
+    def _inner_tops(self, ins, j):
+        tops = [_top(c, j) for _, c in ins]
+        for i in self.moving_idx:
+            t = ins[i][1][j + 1]
+            tops.append(None if t is None else (j + 1) * t)
+        return tops
+
+    def _inner_top_out(self):
+        inner = self.inner
+        if inner.order == 0:
+            return inner.primals_out()[self.n_out :]
+        return [None if c is None else c[inner.order] for c in inner.coefficients_out()[self.n_out :]]
 
     def _result(self, tangent_tops, k):
         out = []
@@ -580,23 +601,26 @@ class _JvpRule(_Rule):
         return out
 
     def extend(self, ins, outs, k):
-        if k == 1:
-            self._start(ins, outs)
-            tangent_out = self.inner.primals_out()[self.n_out :]
-            return [t if m else None for t, m in zip(tangent_out, self.out_moving, strict=True)]
-        tops = [_top(c, k - 1) for _, c in ins]
-        tangent_tops = []
-        for i in self.moving_idx:
-            t = ins[i][1][k]
-            tangent_tops.append(None if t is None else k * t)
-        new = self.inner.extend([*tops, *tangent_tops])
+        if self.inner is None:
+            if not self._start(ins, outs, k):
+                return [None] * len(self.out_moving)
+            return self._result(self._inner_top_out(), k)
+        new = self.inner.extend(self._inner_tops(ins, k - 1))
         return self._result(new[self.n_out :], k)
 
     def correct(self, ins, in_delta, outs, k):
+        if self.inner is None:
+            # All coefficients so far were zero; the corrected ones may not be.
+            if not self._start(ins, outs, k):
+                return [None] * len(self.out_moving)
+            return self._result(self._inner_top_out(), k)
         primal_delta = [None] * len(ins)
         tangent_delta = [None if in_delta[i] is None else k * in_delta[i] for i in self.moving_idx]
         new = self.inner.correct([*primal_delta, *tangent_delta])
         return self._result(new[self.n_out :], k)
+
+    def reevaluate(self, ins, in_delta, outs):
+        return super().reevaluate(ins, in_delta, outs)
 
 
 def _make_rule(eqn, in_moving) -> _Rule:
