@@ -237,6 +237,7 @@ def raise_if_not_identified(
         f"The Newton step without {where} is undefined: the Hessian without it, H - H_S, is "
         f"singular (smallest {measure} of H^-1 (H - H_S): {value:.3g}; numerically singular below "
         f"{tol:.2g}, i.e. condition number above `cond_max`). Without these observations the fit is "
-        "not identified: a feature or category seen only in the fold, separable classes, or fewer "
-        f"observations than parameters. Affected: {count}. Use method='ij', smaller folds, or a penalty."
+        "not identified: a feature or category seen only in the fold, fewer observations left than "
+        "parameters, or (without a penalty) classes that the remaining data nearly separate. "
+        f"Affected: {count}. Use method='ij', smaller folds, or a penalty."
     )
