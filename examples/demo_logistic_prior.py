@@ -91,7 +91,8 @@ def main(out_dir: str) -> None:
         for method in ("nested", "auto"):
             expansion = optsens.taylor_expansion(eq, order, method)
             derivs, cold = timed(lambda e=expansion: e.derivatives(1.0))
-            warm = min(timed(lambda e=expansion, v=v: e.derivatives(v))[1] for v in (-0.5, 0.3, 2.0, -1.0, 0.7))
+            directions = (-0.5, 0.3, 2.0, -1.0, 0.7)
+            warm = min(timed(lambda e=expansion, v=v: e.derivatives(v))[1] for v in directions)
             row.append((cold, warm, derivs))
         (n_cold, n_warm, n_d), (f_cold, f_warm, f_d) = row
         gap = max(

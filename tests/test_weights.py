@@ -9,7 +9,6 @@ import concurrent.futures
 import contextlib
 import io
 import multiprocessing
-import os
 import pickle
 import re
 from pathlib import Path
@@ -513,10 +512,6 @@ def test_refit_through_a_dask_distributed_client():
     np.testing.assert_allclose(out["intercept"], serial["intercept"], rtol=1e-12)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("OPTSENS_SLOW_TESTS"),
-    reason="spawns processes that import JAX (~15 s); set OPTSENS_SLOW_TESTS=1",
-)
 def test_refit_through_a_process_pool():
     data = small_logistic(40, seed=6)
     est = LogisticRegression(C=1.0, tol=1e-10).fit(data["x"][:, 1:], data["y"])
@@ -541,10 +536,6 @@ def test_refit_through_a_process_pool():
 
 
 # ----------------------------------------------------------- the docs' example
-@pytest.mark.skipif(
-    not os.environ.get("OPTSENS_SLOW_TESTS"),
-    reason="~30 s (6 penalties x 569 refits); set OPTSENS_SLOW_TESTS=1",
-)
 def test_docs_approximate_cv_example_runs_and_agrees():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "weights.md").read_text()
     section = doc[doc.index("## Approximate cross-validation: choosing a penalty") :]
