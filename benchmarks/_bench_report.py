@@ -345,7 +345,9 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
                             "order": order,
                             "status": row.get("status", "cold only")
                             if ok or row.get("status") != "ok"
-                            else "disagrees",
+                            # optsens is "unverified" where no independent method reached
+                            # that order (peers not installed, or skipped as too slow).
+                            else ("unverified" if m == "optsens" else "disagrees"),
                             "warm_total_s": row.get("total_s") if ok else "",
                             "warm_construct_s": row.get("construct_s") if ok else "",
                             "warm_derivs_s": row.get("derivs_s") if ok else "",
