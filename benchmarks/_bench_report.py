@@ -69,6 +69,7 @@ def collect(cfgs: list[Config], results: list[dict]) -> dict:
             if mres.get("cold"):
                 c = mres["cold"]
                 rec["colds"][c["order"]] = c
+            rec["load_avg"] = res.get("load_avg")
             rec["peak_mb"] = mres.get("peak_mb")
             rec["import_s"] = mres.get("import_s")
             for row in mres["rows"]:
@@ -323,6 +324,7 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
         "peak_mb",
         "rel_diff_vs_optsens",
         "validated_by",
+        "load_avg",
         "note",
     ]
     with open(out / "results.csv", "w", newline="") as fh:
@@ -359,6 +361,7 @@ def write_report(out: Path, cfgs, results, data, refit_thetas, info, quick=False
                             "peak_mb": rec.get("peak_mb", ""),
                             "rel_diff_vs_optsens": row.get("rel_diff", cold.get("rel_diff", "")),
                             "validated_by": row.get("validated_by", ""),
+                            "load_avg": rec.get("load_avg", ""),
                             "note": row.get("note", ""),
                         }
                     )

@@ -123,6 +123,11 @@ def _sweep(method, spec: dict, is_first: bool, store: dict, t_import: float) -> 
             for _ in range(reps):
                 c, d, derivs = method.run(order)
                 samples.append((c, d))
+            if len(samples) < 2 and sum(samples[-1]) < spec.get("second_sample_below_s", 1.5):
+                # One sample of a ~1 s call is at the mercy of whatever else the
+                # machine is doing; a second one is cheap insurance.
+                c, d, derivs = method.run(order)
+                samples.append((c, d))
         except Exception as exc:  # a method failing is a result, not a crash
             out["rows"].append(
                 {"order": order, "status": "error", "note": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -149,6 +154,7 @@ def _sweep(method, spec: dict, is_first: bool, store: dict, t_import: float) -> 
 
 
 def main(spec_path: str) -> None:
+    load_start = os.getloadavg()[0]
     spec = json.loads(Path(spec_path).read_text())
     cfg = Config(**spec["config"])
     loaded = np.load(spec["data"])
@@ -183,7 +189,11 @@ def main(spec_path: str) -> None:
             results.append(
                 {"method": name, "label": method.label, "rows": [], "error": f"{type(exc).__name__}: {exc}"}
             )
-    out = {"config": cfg.as_dict(), "results": results, "load_avg": os.getloadavg()[0]}
+    out = {
+        "config": cfg.as_dict(),
+        "results": results,
+        "load_avg": max(load_start, os.getloadavg()[0]),
+    }
     Path(spec["result"]).write_text(json.dumps(out, indent=1))
     np.savez(spec["result"].replace(".json", ".npz"), **store)
 

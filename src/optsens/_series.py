@@ -619,9 +619,6 @@ class _JvpRule(_Rule):
         new = self.inner.correct([*primal_delta, *tangent_delta])
         return self._result(new[self.n_out :], k)
 
-    def reevaluate(self, ins, in_delta, outs):
-        return super().reevaluate(ins, in_delta, outs)
-
 
 def _make_rule(eqn, in_moving) -> _Rule:
     prim = eqn.primitive
