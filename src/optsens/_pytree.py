@@ -52,6 +52,8 @@ class TreeLayout:
         leaves = jax.tree_util.tree_leaves(tree)
         if not leaves:
             return jnp.zeros((0,), self.dtype)
+        if len(leaves) == 1:  # the common case: no concatenation (an eager call costs ~50 us)
+            return jnp.ravel(jnp.asarray(leaves[0], self.dtype))
         return jnp.concatenate([jnp.ravel(jnp.asarray(x, self.dtype)) for x in leaves])
 
     def unravel(self, flat: jax.Array) -> Any:

@@ -1,0 +1,179 @@
+"""Direct tests of the online Taylor-mode interpreter `optsens._series.SeriesState`.
+
+Truth: for inputs moving along the polynomial path ``x(t) = x_0 + x_1 t + ... + x_K t^K``
+(constant inputs stay at ``x_0``), the normalised coefficient ``k`` of the output is
+``(1/k!) d^k/dt^k f(x(t))`` at ``t = 0``, computed by ``k`` nested `jax.jvp` of the
+path. That is plain forward mode: it shares none of the interpreter's rules,
+recurrences or bookkeeping. A ``None`` coefficient (on either side) is an exact zero.
+
+Agreement is asked to relative 1e-12 of the largest entry of each coefficient: both
+sides are exact arithmetic up to rounding, and 1e-12 leaves room for ~10^3 roundings.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.scipy.special import digamma, gammaln
+
+from optsens._series import SeriesState
+
+ORDER = 6
+RTOL = 1e-12
+
+
+# ------------------------------------------------------------------ helpers
+def path_coefficients(f, primals, series, order):
+    """Coefficients ``1..order`` of every output leaf of ``f`` along the polynomial path
+    with the given input coefficients (``series[i]``: a list, ``None`` entries zero, or
+    ``None`` for a constant input), by nested forward mode."""
+
+    def path(t):
+        args = []
+        for p, s in zip(primals, series, strict=True):
+            if s is None:
+                args.append(p)
+                continue
+            acc = jnp.zeros_like(p)
+            for c in reversed(s):  # Horner: x_0 + t (x_1 + t (x_2 + ...))
+                acc = (acc if c is None else acc + c) * t
+            args.append(p + acc)
+        return jax.tree_util.tree_leaves(f(*args))
+
+    def derivative(h):
+        return lambda t: jax.jvp(h, (t,), (jnp.ones_like(t),))[1]
+
+    @jax.jit
+    def all_orders(t):
+        out, h = [], path
+        for k in range(1, order + 1):
+            h = derivative(h)
+            out.append([d / math.factorial(k) for d in h(t)])
+        return out
+
+    return all_orders(jnp.zeros(()))
+
+
+def assert_coefficient(got, want, rtol=RTOL):
+    """`got` (``None``: zero) equals `want` to `rtol` of `want`'s largest entry."""
+    want = np.asarray(want)
+    got = np.zeros_like(want) if got is None else np.asarray(got)
+    scale = float(np.max(np.abs(want), initial=0.0))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * max(scale, 1e-300))
+
+
+def random_series(key, like, order, holes=()):
+    """``order`` random coefficients shaped like `like`; orders in `holes` are ``None``."""
+    keys = jax.random.split(key, order)
+    return [None if k + 1 in holes else 0.5 * jax.random.normal(keys[k], np.shape(like)) for k in range(order)]
+
+
+def run_state(closed, primals, series, order):
+    """Feed the input coefficients to a fresh state order by order; returns the state
+    and the outputs' coefficients returned by each `extend`."""
+    state = SeriesState(closed, primals, [s is not None for s in series])
+    returned = []
+    for k in range(1, order + 1):
+        returned.append(state.extend([None if s is None else s[k - 1] for s in series]))
+    return state, returned
+
+
+# ---------------------------------------------------------- test functions
+@jax.custom_jvp
+def soft_clip(x, a):
+    """``a tanh(x / a)`` with a hand-written JVP in both arguments."""
+    return a * jnp.tanh(x / a)
+
+
+@soft_clip.defjvp
+def _soft_clip_jvp(primals, tangents):
+    (x, a), (dx, da) = primals, tangents
+    y = soft_clip(x, a)
+    sech2 = 1.0 - (y / a) ** 2
+    return y, sech2 * dx + (y / a - (x / a) * sech2) * da
+
+
+def _halfsquare_plain(x, y):
+    return jnp.sin(x) * y**2 + jnp.exp(x * y)
+
+
+@jax.custom_vjp
+def halfsquare(x, y):
+    """A custom_vjp function: its forward derivatives are those of the primal code."""
+    return _halfsquare_plain(x, y)
+
+
+halfsquare.defvjp(lambda x, y: (halfsquare(x, y), (x, y)), lambda res, g: (g, g))
+
+
+# f(x, y, A): x and y carry series, A is a constant (data) matrix. x0 > 0 so that
+# log, sqrt and non-integer powers of x are defined.
+FUNCTIONS = {
+    "exp log div": lambda x, y, A: (jnp.exp(x) * y / (2.0 + jnp.log(x)), jnp.log(x * x + y * y) / x),
+    "sin tanh logistic": lambda x, y, A: jnp.sin(x) * jnp.tanh(y) + jax.nn.sigmoid(x * y - 1.0),
+    "sqrt and powers": lambda x, y, A: (
+        jnp.sqrt(x) + x**2.5 + x ** (y + 2.0),
+        x**3 * y**-2 + lax.integer_pow(x + y, 4),
+    ),
+    "matmul and reductions": lambda x, y, A: (
+        A @ x + (A @ y) * x,
+        x @ A @ y,
+        jnp.sum(jnp.exp(A @ x)),
+        jnp.max(x * y + jnp.arange(3.0)),
+    ),
+    "logaddexp softplus": lambda x, y, A: jnp.logaddexp(x, 2.0 * y) + jax.nn.softplus(x - A @ y),
+    "user custom_jvp": lambda x, y, A: soft_clip(x * y + 1.0, A[0] + 2.0) + soft_clip(x, 1.0 + y**2),
+    "gammaln digamma": lambda x, y, A: (gammaln(x + 2.0 * y + 3.0), digamma(x * y + 3.0)),
+    "fori_loop": lambda x, y, A: lax.fori_loop(0, 3, lambda i, c: jnp.tanh(A @ c) * c + x * y, x),
+    "cond and where": lambda x, y, A: (
+        lax.cond(jnp.sum(x) > 0, lambda a, b: jnp.exp(a) * b, lambda a, b: a**3 - b, x, y),
+        jnp.where(A[0] > 0, jnp.sin(x * y), y**2 / x),
+    ),
+    "jit inside": jax.jit(lambda x, y, A: jnp.cos(x) * jnp.exp(-(y**2)) + A @ x),
+}
+
+# custom_vjp functions cannot be pushed through jax.jvp: the truth is the primal code.
+FUNCTIONS["custom_vjp"] = (lambda x, y, A: halfsquare(x, y) * A[1], lambda x, y, A: _halfsquare_plain(x, y) * A[1])
+
+
+def _split(entry):
+    return entry if isinstance(entry, tuple) else (entry, entry)
+
+
+def _inputs():
+    x0 = jnp.array([0.7, 1.3, 0.4])
+    y0 = jnp.array([0.5, -0.8, 1.1])
+    A = jnp.array([[0.6, -0.3, 0.2], [0.1, 0.9, -0.5], [-0.4, 0.2, 0.8]])
+    return x0, y0, A
+
+
+def _series(x0, y0):
+    # x: every order nonzero; y: some orders missing (None), which must act as zeros.
+    sx = random_series(jax.random.key(0), x0, ORDER)
+    sy = random_series(jax.random.key(1), y0, ORDER, holes=(2, 5))
+    return sx, sy
+
+
+# -------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_extend_matches_nested_forward_mode(name):
+    """`extend` order by order: each returned coefficient, and the stored coefficient
+    lists, equal nested forward mode along the polynomial path."""
+    f, f_truth = _split(FUNCTIONS[name])
+    x0, y0, A = _inputs()
+    sx, sy = _series(x0, y0)
+    closed = jax.make_jaxpr(f)(x0, y0, A)
+    state, returned = run_state(closed, [x0, y0, A], [sx, sy, None], ORDER)
+    truth = path_coefficients(f_truth, [x0, y0, A], [sx, sy, None], ORDER)
+
+    for got, want in zip(state.primals_out(), jax.tree_util.tree_leaves(f_truth(x0, y0, A)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-14)
+    assert state.input_moving() == [True, True, False]
+    stored = state.coefficients_out()
+    for k in range(1, ORDER + 1):
+        for j, want in enumerate(truth[k - 1]):
+            assert_coefficient(returned[k - 1][j], want)
+            assert_coefficient(stored[j][k], want)
