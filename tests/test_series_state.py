@@ -46,7 +46,6 @@ def path_coefficients(f, primals, series, order):
     def derivative(h):
         return lambda t: jax.jvp(h, (t,), (jnp.ones_like(t),))[1]
 
-    @jax.jit
     def all_orders(t):
         out, h = [], path
         for k in range(1, order + 1):

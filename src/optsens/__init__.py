@@ -4,6 +4,7 @@ Derivatives of ``theta_hat(eps)`` of any order by automatic differentiation, the
 Taylor expansions, and the infinitesimal jackknife built on them.
 """
 
+from ._cache import enable_compilation_cache as enable_compilation_cache
 from ._errors import (
     IndefiniteHessianError as IndefiniteHessianError,
     NonFiniteError as NonFiniteError,
@@ -52,6 +53,7 @@ __all__ = [
     "TaylorExpansion",
     "TaylorPolynomial",
     "bootstrap_counts",
+    "enable_compilation_cache",
     "implicit_optimum",
     "kfold",
     "leave_k_out",
