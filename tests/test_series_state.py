@@ -10,6 +10,7 @@ Agreement is asked to relative 1e-12 of the largest entry of each coefficient: b
 sides are exact arithmetic up to rounding, and 1e-12 leaves room for ~10^3 roundings.
 """
 
+import functools
 import math
 
 import jax
@@ -34,26 +35,25 @@ def path_coefficients(f, primals, series, order):
     def path(t):
         args = []
         for p, s in zip(primals, series, strict=True):
-            if s is None:
-                args.append(p)
-                continue
             acc = jnp.zeros_like(p)
-            for c in reversed(s):  # Horner: x_0 + t (x_1 + t (x_2 + ...))
+            for c in reversed(s or []):  # Horner: x_0 + t (x_1 + t (x_2 + ...))
                 acc = (acc if c is None else acc + c) * t
             args.append(p + acc)
         return jax.tree_util.tree_leaves(f(*args))
 
-    def derivative(h):
-        return lambda t: jax.jvp(h, (t,), (jnp.ones_like(t),))[1]
+    def one_more(h):
+        # h(t) = [d^0, ..., d^(k-1)] -> [d^0, ..., d^k]: one more jvp in t.
+        def h_next(t):
+            lower, tangents = jax.jvp(h, (t,), (jnp.ones_like(t),))
+            return [*lower, tangents[-1]]
 
-    def all_orders(t):
-        out, h = [], path
-        for k in range(1, order + 1):
-            h = derivative(h)
-            out.append([d / math.factorial(k) for d in h(t)])
-        return out
+        return h_next
 
-    return all_orders(jnp.zeros(()))
+    h = lambda t: [path(t)]
+    for _ in range(order):
+        h = one_more(h)
+    derivatives = jax.jit(h)(jnp.zeros(()))
+    return [[d / math.factorial(k) for d in derivatives[k]] for k in range(1, order + 1)]
 
 
 def assert_coefficient(got, want, rtol=RTOL):
@@ -157,22 +157,104 @@ def _series(x0, y0):
 
 
 # -------------------------------------------------------------------- tests
-@pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_extend_matches_nested_forward_mode(name):
-    """`extend` order by order: each returned coefficient, and the stored coefficient
-    lists, equal nested forward mode along the polynomial path."""
+@functools.cache
+def _case(name):
+    """The closed jaxpr of ``FUNCTIONS[name]``, its primals and input series, and the
+    nested-forward-mode truth (computed once per session: it is the slow part)."""
     f, f_truth = _split(FUNCTIONS[name])
     x0, y0, A = _inputs()
     sx, sy = _series(x0, y0)
     closed = jax.make_jaxpr(f)(x0, y0, A)
-    state, returned = run_state(closed, [x0, y0, A], [sx, sy, None], ORDER)
     truth = path_coefficients(f_truth, [x0, y0, A], [sx, sy, None], ORDER)
+    primals_truth = jax.tree_util.tree_leaves(f_truth(x0, y0, A))
+    return closed, [x0, y0, A], [sx, sy, None], truth, primals_truth
 
-    for got, want in zip(state.primals_out(), jax.tree_util.tree_leaves(f_truth(x0, y0, A)), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-14)
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_extend_matches_nested_forward_mode(name):
+    """`extend` order by order: each returned coefficient, and the stored coefficient
+    lists, equal nested forward mode along the polynomial path."""
+    closed, primals, series, truth, primals_truth = _case(name)
+    state, returned = run_state(closed, primals, series, ORDER)
+
     assert state.input_moving() == [True, True, False]
+    for got, want in zip(state.primals_out(), primals_truth, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-14)
     stored = state.coefficients_out()
     for k in range(1, ORDER + 1):
         for j, want in enumerate(truth[k - 1]):
             assert_coefficient(returned[k - 1][j], want)
             assert_coefficient(stored[j][k], want)
+
+
+def _assert_same_state(state, reference):
+    """Every value of the jaxpr has the same coefficients in both states."""
+    assert state.order == reference.order
+    assert state.coeffs.keys() == reference.coeffs.keys()
+    for var, want in reference.coeffs.items():
+        got = state.coeffs[var]
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert_coefficient(g, np.zeros(np.shape(want[0])) if w is None else w)
+
+
+@pytest.mark.parametrize("guess", ["unknown", "wrong guess"])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_extend_then_correct_equals_direct(name, guess):
+    """The online protocol of `taylor_expansion`: x's coefficient k is not known when
+    `extend` runs (``None``, or a wrong guess), and `correct` then adds the difference.
+    The corrected outputs equal the truth, and every value of the state equals that of
+    a state that was given x's coefficient directly."""
+    closed, primals, (sx, sy, _), truth, _ = _case(name)
+    direct, _ = run_state(closed, primals, [sx, sy, None], ORDER)
+    late = SeriesState(closed, primals, [True, True, False])
+    for k in range(1, ORDER + 1):
+        first = None if guess == "unknown" else 0.3 * sx[k - 1] + 1.0
+        before = late.extend([first, sy[k - 1], None])
+        change = late.correct([sx[k - 1] if first is None else sx[k - 1] - first, None, None])
+        for j, want in enumerate(truth[k - 1]):
+            corrected = before[j] if change[j] is None else (change[j] if before[j] is None else before[j] + change[j])
+            assert_coefficient(corrected, want)
+            assert_coefficient(late.coefficients_out()[j][k], want)
+    _assert_same_state(late, direct)
+
+
+# Only x moves (y is a constant of the jaxpr, or moves with no coefficients at all), so
+# functions of x alone — custom JVP rules, lgamma, loops, cond — start their JVP state
+# inside `correct`, and the outputs that depend on y alone stay zero.
+def _only_x(x, y, A):
+    main = (
+        soft_clip(x, 2.0) * gammaln(x + 3.0)
+        + jnp.logaddexp(x, y)
+        + lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c) * x + c, x)
+        + lax.cond(x[0] > 0, jnp.sin, jnp.cos, x)
+    )
+    return main, jnp.exp(y) + jnp.sin(y) + gammaln(y + 2.0) + A @ y, x
+
+
+@pytest.mark.parametrize("y_moving", [False, True])
+def test_late_only_input_and_input_without_series(y_moving):
+    x0, y0, A = _inputs()
+    sx = random_series(jax.random.key(2), x0, ORDER, holes=(3,))
+    closed = jax.make_jaxpr(_only_x)(x0, y0, A)
+    (truth_main,), *_ = zip(*path_coefficients(lambda x, y, A: _only_x(x, y, A)[0], [x0, y0, A],
+                                               [sx, None, None], ORDER), strict=True)
+    state = SeriesState(closed, [x0, y0, A], [True, y_moving, False])
+    assert state.input_moving() == [True, y_moving, False]
+    for k in range(1, ORDER + 1):
+        # y's coefficients: none at all (moving) or ignored (constant input).
+        before = state.extend([None, None if y_moving else sx[k - 1], sx[k - 1]])
+        assert before[0] is None and before[2] is None  # nothing moves until x is known
+        change = state.correct([sx[k - 1], None, None])
+        assert_coefficient(change[0], truth_main[k - 1])
+        assert_coefficient(change[2], np.zeros(3) if sx[k - 1] is None else sx[k - 1])
+        # The y-only output: zero (``None`` or zeros) when y moves, constant otherwise.
+        if y_moving:
+            assert before[1] is None or not np.any(before[1])
+            assert change[1] is None or not np.any(change[1])
+        else:
+            assert before[1] is None and change[1] is None
+    coefficients = state.coefficients_out()
+    assert (coefficients[1] is None) == (not y_moving)
+    for k in range(1, ORDER + 1):
+        assert_coefficient(coefficients[0][k], truth_main[k - 1])

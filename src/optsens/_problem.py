@@ -55,6 +55,14 @@ class EstimatingEquation(eqx.Module):
     or a matrix-free solver); every derivative of every order reuses that
     factorisation.
 
+    Construction works inside `jax.jit` and `jax.vmap` too (theta0, eps0 or the data
+    traced): the whole pipeline then compiles into one program, which removes the
+    Python and dispatch overhead between the steps (at D = 100, order 6: 0.9 ms
+    against 1.9 ms eagerly). The checks are then compiled in and raise at run time
+    (non-finite inputs or H, a failed factorisation, too large a Newton step); the
+    condition-number estimate needs the host and is skipped (`condition_number`,
+    `residual_norm` and `newton_step_norm` are NaN).
+
     **Arguments:**
 
     - `g`: ``g(theta, eps, *args)`` returning a pytree shaped like `theta`.
@@ -199,8 +207,12 @@ class EstimatingEquation(eqx.Module):
             hessian, factorised, summary = _factorise(
                 problem, solver, regularization, theta0_flat, eps0_flat, args
             )
-            self.solver = factorised
             cond = float("nan")
+            if not concrete:
+                # Under jit / vmap nothing can be fetched: the checks are compiled in and
+                # raise at run time (an XlaRuntimeError carrying the message).
+                factorised = _traced_checks(factorised, summary, residual_rtol)
+            self.solver = factorised
             if concrete:
                 # One transfer of a few scalars; the arrays are fetched only to explain a failure.
                 summary = dict(zip(_SUMMARY_KEYS, np.asarray(summary).tolist(), strict=True))
@@ -372,6 +384,41 @@ _SUMMARY_KEYS = (
     "hessian_finite", "factor_finite", "norm_1", "inputs_finite", "residual_finite",
     "residual_norm", "step_norm", "theta_scale",
 )  # fmt: skip
+
+
+_TRACED_MESSAGES = (
+    "optsens: `theta0`, `eps0` or `args` hold NaN or infinite values (build the "
+    "EstimatingEquation outside jit to have them named).",
+    "optsens: H = dG/dtheta at (theta0, eps0) is not finite: check the model for overflow "
+    "and the data for NaN (build the EstimatingEquation outside jit for details).",
+    "optsens: the factorisation of H failed: H is singular, or for an objective not positive "
+    "definite (theta0 is not a minimum); build the EstimatingEquation outside jit for the "
+    "near-null or negative-curvature direction.",
+    "optsens: `theta0` does not solve the equation at `eps0`: the Newton step H^-1 G exceeds "
+    "`residual_rtol` * max(1, |theta0|). Run the optimiser to a tighter tolerance or raise "
+    "`residual_rtol`.",
+)
+
+
+def _traced_checks(factorised, packed, residual_rtol: float):
+    """The construction checks as run-time errors attached to the factorisation.
+
+    Used when `theta0`, `eps0` or the data are traced (the construction is inside a
+    jitted or vmapped function), so they cannot be fetched. The condition-number
+    check needs the host and is skipped; exact singularity and indefiniteness still
+    show as a non-finite factor.
+    """
+    summary = dict(zip(_SUMMARY_KEYS, packed, strict=True))
+    step_ok = summary["step_norm"] <= residual_rtol * summary["theta_scale"]
+    failures = jnp.stack(
+        [
+            summary["inputs_finite"] == 0,
+            summary["hessian_finite"] == 0,
+            summary["factor_finite"] == 0,
+            (summary["residual_finite"] == 0) | ~step_ok,
+        ]
+    )
+    return eqx.branched_error_if(factorised, jnp.any(failures), jnp.argmax(failures), _TRACED_MESSAGES)
 
 
 def _check_factorisation(solver, hessian, problem: FlatProblem, cond_max: float, summary) -> float:

@@ -216,6 +216,13 @@ def _split_orders(flat, layout: TreeLayout, as_derivatives: bool) -> list[Any]:
     return [layout.unravel(flat[k] * scale[k]) for k in range(flat.shape[0])]
 
 
+_TRACED_NON_FINITE = (
+    "optsens: Taylor coefficients are not finite: G or its derivatives overflow along this "
+    "direction (log(0), exp overflow, division by zero at (theta0, eps0)), or the direction "
+    "holds NaN; evaluate outside jit for the orders concerned."
+)
+
+
 def _check_order_arg(order, available: int) -> int:
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
         raise ValueError(f"`order` must be a non-negative integer; got {order!r}.")
@@ -295,7 +302,9 @@ class TaylorExpansion(eqx.Module):
             self.qoi,
             self.out_layout,
         )
-        if _is_concrete(finite) and not bool(finite):
+        if not _is_concrete(finite):  # under jit / vmap: a run-time error instead
+            return eqx.error_if(out, ~finite, _TRACED_NON_FINITE)
+        if not bool(finite):
             orders = sorted({int(i) + 1 for i in np.nonzero(~np.isfinite(np.asarray(out)))[0]})
             raise NonFiniteError(
                 f"The Taylor coefficients of order {orders} are not finite. G or its derivatives "
