@@ -35,7 +35,11 @@ _SCRIPT = textwrap.dedent(
 
 def _run(cache_dir):
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(cache_dir)], capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", _SCRIPT, str(cache_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     hits, values = out.stdout.strip().split(" ", 1)
     return int(hits), values
@@ -59,4 +63,5 @@ def test_bad_directory_is_reported(tmp_path):
     with pytest.raises(TypeError, match="`directory` must be a path"):
         optsens.enable_compilation_cache(42)
     # Nothing was changed by the failed calls.
-    assert jax.config.jax_compilation_cache_dir in (None, "") or "file" not in jax.config.jax_compilation_cache_dir
+    current = jax.config.jax_compilation_cache_dir
+    assert current in (None, "") or "file" not in current
