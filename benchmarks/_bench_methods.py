@@ -89,6 +89,38 @@ class OptsensMethod(_JaxMethod):
         return t1 - t0, t2 - t1, [np.asarray(d) for d in derivatives]
 
 
+class OptsensJitMethod(_JaxMethod):
+    """The same pipeline (construction + `taylor_expansion(eq, K).derivatives(v)`)
+    inside one `jax.jit`, as a user would write it: one compiled program, one call,
+    the checks compiled in as run-time errors. The like-for-like comparison with
+    optimistix, whose whole computation is also one jitted call."""
+
+    name = "optsens_jit"
+    label = "optsens, whole pipeline in one jax.jit"
+    max_order = 10
+
+    def setup(self, cfg, data):
+        super().setup(cfg, data)
+        import functools
+
+        import optsens
+
+        jax, f = self.jax, self.f
+
+        @functools.partial(jax.jit, static_argnums=0)
+        def derivatives(order, theta0, eps0, v, args):
+            eq = optsens.EstimatingEquation.from_objective(f, theta0, eps0, args=args)
+            return optsens.taylor_expansion(eq, order).derivatives(v)
+
+        self.derivatives = derivatives
+
+    def run(self, order):
+        t0 = now()
+        out = self.derivatives(order, self.theta0, self.eps0, self.v, self.args)
+        self.jax.block_until_ready(out)
+        return 0.0, now() - t0, [np.asarray(d) for d in out]
+
+
 class NestedMethod(OptsensMethod):
     """The nested custom_jvp trick: derivatives of `implicit_optimum` (same H factorisation)."""
 
@@ -278,7 +310,15 @@ class AutogradNestedMethod(_AutogradMethod):
 
 METHODS: dict[str, type[Method]] = {
     m.name: m
-    for m in (OptsensMethod, VittlesMethod, NestedMethod, OptimistixMethod, AutogradNestedMethod, RefitMethod)
+    for m in (
+        OptsensMethod,
+        OptsensJitMethod,
+        VittlesMethod,
+        NestedMethod,
+        OptimistixMethod,
+        AutogradNestedMethod,
+        RefitMethod,
+    )
 }
 
 

@@ -13,7 +13,7 @@ from _bench_problems import Config
 
 AGREE_RTOL = 1e-6  # derivatives of two methods agree if their relative difference is below this
 ORDERS = list(range(1, 11))
-METHOD_ORDER = ("optsens", "vittles", "nested", "optimistix", "nested_autograd", "refit")
+METHOD_ORDER = ("optsens", "optsens_jit", "vittles", "nested", "optimistix", "nested_autograd", "refit")
 INDEPENDENT = ("vittles", "nested", "nested_autograd", "optimistix")
 
 
@@ -183,6 +183,13 @@ def ratios(cfgs: list[Config], col: dict) -> dict[str, dict[str, float | None]]:
             "optimistix / optsens, warm o6": _ratio(
                 total(col, n, "optimistix", 6), total(col, n, "optsens", 6)
             ),
+            "optimistix / optsens (jit), warm o6": _ratio(
+                total(col, n, "optimistix", 6), total(col, n, "optsens_jit", 6)
+            ),
+            "nested / optsens (jit), warm o8": _ratio(
+                total(col, n, "nested", 8), total(col, n, "optsens_jit", 8)
+            ),
+            "optsens (jit) cold o6 (s)": cold_min(recs.get("optsens_jit", {}), 6),
             "optsens o10 / o1, warm": _ratio(total(col, n, "optsens", 10), total(col, n, "optsens", 1)),
             "optsens cold o6 (s)": cold_min(orec, 6),
             "optsens cold o10 (s)": cold_min(orec, 10),
@@ -207,6 +214,12 @@ TARGETS = [
         lambda r: r >= 10,
     ),
     (
+        "the same, optsens in one jax.jit (end to end)",
+        "nested / optsens (jit), warm o8",
+        "logistic-D100-p1",
+        lambda r: r >= 10,
+    ),
+    (
         "the same at D=1000, N=10^4 (end to end)",
         "nested / optsens, warm o8",
         "logistic-D1000-p1",
@@ -225,12 +238,24 @@ TARGETS = [
         lambda r: r >= 3,
     ),
     (
+        "the same, optsens in one jax.jit like optimistix",
+        "optimistix / optsens (jit), warm o6",
+        "logistic-D100-p1",
+        lambda r: r >= 3,
+    ),
+    (
         "warm, end to end from construction, D=1000, N=10^4: order 10 <= 1.5x order 1",
         "optsens o10 / o1, warm",
         "logistic-D1000-p1",
         lambda r: r <= 1.5,
     ),
     ("cold, D=100, order 6: optsens < 1 s", "optsens cold o6 (s)", "logistic-D100-p1", lambda r: r < 1.0),
+    (
+        "the same, optsens in one jax.jit",
+        "optsens (jit) cold o6 (s)",
+        "logistic-D100-p1",
+        lambda r: r < 1.0,
+    ),
     (
         "cold, D=100, order 6: optsens no slower than vittles",
         "vittles / optsens, cold o6",
@@ -526,6 +551,7 @@ def _plots(out: Path, cfgs: list[Config], col: dict) -> None:
 
     colours = {
         "optsens": "C0",
+        "optsens_jit": "C9",
         "vittles": "C1",
         "nested": "C2",
         "optimistix": "C3",

@@ -41,7 +41,7 @@ from _bench_problems import PROBLEMS, Config, make_data, objective  # noqa: E402
 FOCUS = "logistic-D100-p1"  # the problem the warm targets are read on
 FOCUS_BIG = "logistic-D1000-p1"  # ... and the one for the D = 1000 targets
 CACHED_COLD = (FOCUS, FOCUS_BIG)  # cold also timed with a persistent cache
-ALL_METHODS = ("optsens", "vittles", "nested", "optimistix", "nested_autograd", "refit")
+ALL_METHODS = ("optsens", "optsens_jit", "vittles", "nested", "optimistix", "nested_autograd", "refit")
 REFIT_STEPS = (0.1, 0.3, 1.0)
 
 
@@ -54,7 +54,7 @@ def _limits(cfg: Config, method: str, quick: bool) -> dict | str:
     6). The whole suite is sized to run in about 15 minutes on 2 cores.
     """
     if quick:
-        top = {"optsens": 3, "refit": 1}.get(method, 2)
+        top = {"optsens": 3, "optsens_jit": 3, "refit": 1}.get(method, 2)
         return dict(
             orders=list(range(1, top + 1)),
             cold_order=2 if method != "refit" else 1,
@@ -66,8 +66,10 @@ def _limits(cfg: Config, method: str, quick: bool) -> dict | str:
     big = cfg.d >= 1000
     if big and cfg.p == 3 and method in ("optimistix", "nested_autograd", "vittles"):
         return "not run at D = 1000, p = 3: run-time budget (see p = 1)"
-    top = {"optsens": 10, "vittles": 10, "refit": 1}.get(method, 8)
-    cold = {"optsens": 10 if big else 6, "vittles": 4 if big else 6, "refit": 1}.get(method, 4)
+    top = {"optsens": 10, "optsens_jit": 10, "vittles": 10, "refit": 1}.get(method, 8)
+    cold = {"vittles": 4 if big else 6, "refit": 1}.get(method, 10 if big else 6)
+    if method in ("nested", "optimistix", "nested_autograd"):
+        cold = 4
     call_limit, budget = 6.0, 15.0
     if method == "nested_autograd":
         cold = {10: 6, 100: 4}.get(cfg.d, 1)
@@ -87,7 +89,7 @@ def _limits(cfg: Config, method: str, quick: bool) -> dict | str:
             "optimistix": (20.0, 45.0),
             "nested_autograd": (40.0, 60.0),
         }.get(method, (call_limit, budget))
-    if method in ("optsens", "refit"):
+    if method in ("optsens", "optsens_jit", "refit"):
         call_limit, budget = 60.0, 120.0
     return dict(
         orders=list(range(1, top + 1)),
@@ -223,7 +225,7 @@ def plan(cfgs: list[Config], paths: dict[str, Path], methods: list[str], quick: 
             # fresh processes each (the minimum of the three is reported), and optsens
             # once more with JAX's persistent compilation cache, which one process fills
             # and a second one (the one reported) finds filled.
-            for m in ("optsens", "vittles"):
+            for m in ("optsens", "optsens_jit", "vittles"):
                 if m in methods and not isinstance(_limits(cfg, m, False), str):
                     for i in (1, 2):
                         spec = dict(base, methods=[m], **_limits(cfg, m, False), cold_only=True)
