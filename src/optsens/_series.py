@@ -152,6 +152,7 @@ class SeriesState:
     ):
         jaxpr = closed_jaxpr.jaxpr
         self.jaxpr = jaxpr
+        self._setup = (closed_jaxpr, list(moving), memo)  # to rebuild at a new point
         self.order = 0
         self.const: dict[Any, Any] = {}
         self.coeffs: dict[Any, list] = {}
@@ -235,6 +236,8 @@ class SeriesState:
         **Returns:** the change of the outputs' newest coefficient.
         """
         k = self.order
+        old_out = self.primals_out() if k == 0 else None
+        rebuild = False
         delta: dict[Any, Any] = {}
         for var, d in zip(self.jaxpr.invars, inputs_delta, strict=True):
             if d is not None and var in self.coeffs:
@@ -248,6 +251,10 @@ class SeriesState:
             ins = self._inputs(eqn)
             outs = [self.coeffs.get(v) for v in eqn.outvars]
             if k == 0:
+                # A moved value feeds a piecewise-constant output (a comparison, floor,
+                # argmax): branch decisions may change, and those outputs and everything
+                # computed from them were evaluated once, at the old point.
+                rebuild = rebuild or (not isinstance(rule, _MemoRule) and not all(rule.out_moving))
                 out_delta = rule.reevaluate(ins, in_delta, outs)
             else:
                 out_delta = rule.correct(ins, in_delta, outs, k)
@@ -256,7 +263,19 @@ class SeriesState:
                     d = _fit(d, self.coeffs[var][0])
                     self.coeffs[var][k] = _add(self.coeffs[var][k], d)
                     delta[var] = d
+        if rebuild:
+            return self._rebuild(old_out)
         return [delta.get(v) if self._moving(v) else None for v in self.jaxpr.outvars]
+
+    def _rebuild(self, old_out: list[Any]) -> list[Any]:
+        """Start again at the (already moved) order-0 point; the outputs' change."""
+        closed, moving, memo = self._setup
+        primals = [self._primal(v) for v in self.jaxpr.invars]
+        self.__init__(closed, primals, moving, memo)
+        return [
+            (new - old) if self._moving(v) else None
+            for v, new, old in zip(self.jaxpr.outvars, self.primals_out(), old_out, strict=True)
+        ]
 
 
 # ------------------------------------------------------------------ rules
