@@ -147,6 +147,15 @@ FUNCTIONS = {
         lax.cond(jnp.sum(x) > 0, lambda a, b: jnp.exp(a) * b, lambda a, b: a**3 - b, x, y),
         jnp.where(A[0] > 0, jnp.sin(x * y), y**2 / x),
     ),
+    "scan: xs, ys, reversed": lambda x, y, A: lax.scan(
+        lambda c, a: (c * jnp.tanh(a * x) + y, jnp.exp(c * a)),
+        jnp.ones_like(x),
+        jnp.stack([x, 2.0 * y, A[0]]),
+        reverse=True,
+    ),
+    "switch (3 branches)": lambda x, y, A: lax.switch(
+        jnp.argmax(A[1]), [lambda a, b: a * b, lambda a, b: jnp.sin(a) / b, lambda a, b: a - b], x, y
+    ),
     "jit inside": jax.jit(lambda x, y, A: jnp.cos(x) * jnp.exp(-(y**2)) + A @ x),
 }
 
@@ -377,6 +386,32 @@ def test_work_per_order_grows_linearly():
     sizes = [size(order) for order in range(1, 9)]
     second = np.diff(sizes, 2)
     assert np.all(second == second[0]), sizes
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["fori_loop", "cond and where", "scan: xs, ys, reversed"],
+)
+def test_loops_and_conds_grow_polynomially_with_the_order(name):
+    """``scan`` (``fori_loop``) and ``cond`` are followed step by step / branch by
+    branch; through their JVP rules instead, one loop or cond would nest per order and
+    the program would triple with every order (order 6 ~ 27x order 3). Here the
+    jet-rule primitives inside (``tanh``, ``sin``) cost ``O(k^2)`` per order, so the
+    total is at most cubic: order 6 costs less than 8x order 3."""
+    f, _ = _split(FUNCTIONS[name])
+    x0, y0, A = _inputs()
+    closed = jax.make_jaxpr(f)(x0, y0, A)
+
+    def size(order):
+        def run(x, y):
+            state = SeriesState(closed, [x, y, A], [True, True, False])
+            for _ in range(order):
+                state.extend([x, y, None])
+            return state.coefficients_out()
+
+        return _count_equations(jax.make_jaxpr(run)(x0, y0).jaxpr)
+
+    assert size(6) < 8 * size(3)
 
 
 def test_custom_jvp_rule_is_traced_once_per_call_site():

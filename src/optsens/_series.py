@@ -19,7 +19,10 @@ Per equation of the jaxpr:
 
 - no input carries a series: evaluated once, constant along the path;
 - ``jit`` sub-jaxprs and ``custom_vjp`` functions (whose primal computation is
-  followed) are interpreted recursively, in step;
+  followed) are interpreted recursively, in step; so are ``cond``/``switch`` (every
+  branch in step, the outputs selected by the piecewise-constant index, as `vmap`
+  does) and ``scan``s of up to `_SCAN_UNROLL_MAX` steps (``fori_loop`` with fixed
+  bounds; one nested state per step);
 - linear primitives (``add``, ``reshape``, ``dot_general`` or ``mul`` with one
   constant operand, ...) map the newest coefficient alone; ``mul``/``dot_general``
   of two series is a convolution; ``div``, ``exp`` and ``log`` use their classical
@@ -27,8 +30,8 @@ Per equation of the jaxpr:
 - other primitives with a rule in ``jax.experimental.jet`` use that rule (which
   works on normalised coefficients) and keep its newest coefficient;
 - everything else — functions with custom JVP rules (``logaddexp``, ``softplus``,
-  user rules), primitives that jet lacks (``lgamma``, ``digamma``, ``while``,
-  ``cond``, ...) — goes through *the JVP rule*: for ``y = f(x)``,
+  user rules), primitives that jet lacks (``lgamma``, ``digamma``, ``while``, long
+  ``scan``s, ...) — goes through *the JVP rule*: for ``y = f(x)``,
   ``y'(t) = J_f(x(t)) x'(t)``, so ``y_k = (y')_{k-1} / k`` where the series of ``y'``
   is the Taylor-mode image of ``f``'s JVP applied to the series of ``x`` and of
   ``x' = [x_1, 2 x_2, ..., K x_K]``, one order behind. The JVP is itself
@@ -53,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src import ad_util as _ad_util, core as jax_core, custom_derivatives as _custom, pjit as _pjit
+from jax._src.lax.control_flow import conditionals as _conditionals, loops as _loops
 from jax.experimental import jet as _jet
 
 __all__ = ["SeriesState", "propagate_series", "propagate_function_series"]
@@ -62,6 +66,12 @@ Series = list[Any] | None  # None: the value is constant along the path
 _JIT_PRIMITIVES = {_pjit.jit_p}
 _CUSTOM_JVP = _custom.custom_jvp_call_p
 _CUSTOM_VJP = _custom.custom_vjp_call_p
+_COND = _conditionals.cond_p
+_SCAN = _loops.scan_p
+# Scans up to this many steps are followed step by step (one nested state per step:
+# linear in the length, and in the order). Longer ones go through their JVP rule,
+# which nests one scan per order.
+_SCAN_UNROLL_MAX = 128
 # Bilinear primitives: linear in each argument, so one constant operand makes the
 # whole product linear in the other.
 _BILINEAR = {lax.mul_p, lax.dot_general_p}
@@ -639,11 +649,120 @@ class _JvpRule(_Rule):
         return self._result(new[self.n_out :], k)
 
 
+def _stack_or_none(tops: list, primals: list):
+    """One output's newest coefficient per step/branch -> stacked (``None``: all zero)."""
+    if all(t is None for t in tops):
+        return None
+    return [jnp.zeros_like(p) if t is None else t for t, p in zip(tops, primals, strict=True)]
+
+
+class _CondRule(_Rule):
+    """``cond`` / ``switch``: every branch in step, outputs selected by the index.
+
+    The index is piecewise constant (it is never differentiated), so along the path
+    the output's coefficients are those of the selected branch. Going through the
+    JVP rule instead would nest one ``cond`` per order (3x more equations per order).
+    """
+
+    def init(self, in_primals):
+        self.index = in_primals[0]
+        branches = self.params["branches"]
+        self.states = [SeriesState(b, in_primals[1:], self.in_moving[1:]) for b in branches]
+        per_branch = [st.primals_out() for st in self.states]
+        self.primals = [list(outs) for outs in zip(*per_branch, strict=True)]
+        coeffs = [st.coefficients_out() for st in self.states]
+        self.out_moving = [any(c[j] is not None for c in coeffs) for j in range(len(self.primals))]
+        return [self._select(vals) for vals in self.primals]
+
+    def _select(self, values):
+        return values[0] if len(values) == 1 else lax.select_n(self.index, *values)
+
+    def _combine(self, per_branch):
+        out = []
+        for j, tops in enumerate(zip(*per_branch, strict=True)):
+            filled = _stack_or_none(list(tops), self.primals[j])
+            out.append(None if filled is None or not self.out_moving[j] else self._select(filled))
+        return out
+
+    def extend(self, ins, outs, k):
+        tops = [_top(c, k) for _, c in ins[1:]]
+        return self._combine([st.extend(tops) for st in self.states])
+
+    def correct(self, ins, in_delta, outs, k):
+        return self._combine([st.correct(in_delta[1:]) for st in self.states])
+
+    def reevaluate(self, ins, in_delta, outs):
+        return self._combine([st.correct(in_delta[1:]) for st in self.states])
+
+
+class _ScanRule(_Rule):
+    """A ``scan`` of fixed length (``fori_loop`` with static bounds), step by step.
+
+    One nested state per step, chained through the carry: step ``i`` sees the
+    consts, the carry left by step ``i - 1`` and slice ``i`` of the scanned inputs.
+    Work and program size are linear in the length and in the order.
+    """
+
+    def init(self, in_primals):
+        params = self.params
+        nc, ncar, length = params["num_consts"], params["num_carry"], params["length"]
+        self.split = (nc, nc + ncar)
+        self.steps = list(range(length))[::-1] if params["reverse"] else list(range(length))
+        consts, carry, xs = self._parts(in_primals)
+        c_mov, carry_mov, x_mov = self._parts(self.in_moving)
+        self.states, self.ys_primals = [], [None] * length
+        for i in self.steps:
+            state = SeriesState(params["jaxpr"], [*consts, *carry, *[x[i] for x in xs]],
+                                [*c_mov, *carry_mov, *x_mov])  # fmt: skip
+            outs, coeffs = state.primals_out(), state.coefficients_out()
+            carry, carry_mov = outs[:ncar], [c is not None for c in coeffs[:ncar]]
+            self.ys_primals[i] = outs[ncar:]
+            self.states.append(state)
+        ys_moving = [
+            any(st.coefficients_out()[ncar + j] is not None for st in self.states)
+            for j in range(len(self.ys_primals[0]))
+        ]
+        self.out_moving = [*carry_mov, *ys_moving]
+        return [*carry, *[jnp.stack(list(col)) for col in zip(*self.ys_primals, strict=True)]]
+
+    def _parts(self, values):
+        a, b = self.split
+        return list(values[:a]), list(values[a:b]), list(values[b:])
+
+    def _chain(self, consts, carry, xs, step_fn):
+        """Run `step_fn(state, inputs)` along the steps; the outputs' newest coefficients."""
+        ncar = self.split[1] - self.split[0]
+        ys_tops = [None] * len(self.ys_primals)
+        for state, i in zip(self.states, self.steps, strict=True):
+            tops = step_fn(state, [*consts, *carry, *[None if x is None else x[i] for x in xs]])
+            carry, ys_tops[i] = tops[:ncar], tops[ncar:]
+        ys = []
+        for j in range(len(self.out_moving) - ncar):
+            filled = _stack_or_none([t[j] for t in ys_tops], [p[j] for p in self.ys_primals])
+            ys.append(None if filled is None else jnp.stack(filled))
+        return [*carry, *ys]
+
+    def extend(self, ins, outs, k):
+        consts, carry, xs = self._parts([_top(c, k) for _, c in ins])
+        return self._chain(consts, carry, xs, lambda st, tops: st.extend(tops))
+
+    def correct(self, ins, in_delta, outs, k):
+        consts, carry, xs = self._parts(in_delta)
+        return self._chain(consts, carry, xs, lambda st, deltas: st.correct(deltas))
+
+    def reevaluate(self, ins, in_delta, outs):
+        return self.correct(ins, in_delta, outs, 0)
+
+
 def _make_rule(eqn, in_moving) -> _Rule:
     prim = eqn.primitive
     n_moving = sum(in_moving)
     if prim in _JIT_PRIMITIVES:
         return _SubJaxprRule(eqn, in_moving, eqn.params["jaxpr"])
+    if prim is _COND:
+        return _CondRule(eqn, in_moving)
+    if prim is _SCAN and 0 < eqn.params["length"] <= _SCAN_UNROLL_MAX:
+        return _ScanRule(eqn, in_moving)
     if prim is _CUSTOM_VJP:
         # Reverse-mode-only rules say nothing about forward derivatives: follow the
         # primal computation.
