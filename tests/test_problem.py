@@ -1,5 +1,6 @@
 """EstimatingEquation: construction, pytrees, checks and their messages."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from tests._problems import (
     logistic_data,
     logistic_objective,
     ridge_data,
+    ridge_derivative,
     ridge_equation,
     ridge_objective,
     ridge_solution,
@@ -140,3 +142,85 @@ def test_matrix_free_solvers_match_dense(solver):
     d_free = optsens.taylor_expansion(free, 3).derivatives(1.0)
     for a, b in zip(d_free, d_dense, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-7)
+
+
+# ---------------------------------------------------------------- a given H
+def test_given_hessian_is_used_and_gives_the_closed_form(monkeypatch):
+    """With `hessian=` nothing forms H by autodiff (FlatProblem.hessian is disabled
+    here); the derivatives are ridge regression's closed form."""
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+
+    def no_autodiff_hessian(*args, **kwargs):
+        raise AssertionError("H was formed by autodiff although it was given")
+
+    monkeypatch.setattr(optsens._flat.FlatProblem, "hessian", no_autodiff_hessian)
+    h = x.T @ x + np.eye(5)
+    for make, fn in (
+        (optsens.EstimatingEquation.from_objective, ridge_objective),
+        (optsens.EstimatingEquation, ridge_equation),
+    ):
+        eq = make(fn, theta0, 1.0, args=(x, y), hessian=h)
+        derivatives = optsens.taylor_expansion(eq, 3).derivatives(1.0)
+        for k, d in enumerate(derivatives, start=1):
+            np.testing.assert_allclose(d, ridge_derivative(x, y, 1.0, k), rtol=1e-11)
+        assert 1 < eq.condition_number < 1e4
+
+
+def test_given_hessian_follows_the_pytree_flattening_order():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((4, 4))
+    m = a @ a.T + 4 * np.eye(4)  # f = 1/2 z^T M z - eps b^T z with z = (w.ravel(), c)
+    b = rng.standard_normal(4)
+
+    def f(theta, eps):
+        z = jnp.concatenate([theta["c"], theta["w"].ravel()])  # dict leaves: c before w
+        return 0.5 * z @ m @ z - eps * b @ z
+
+    z0 = np.linalg.solve(m, b)
+    theta0 = {"c": z0[:1], "w": z0[1:].reshape(1, 3)}
+    eq = optsens.EstimatingEquation.from_objective(f, theta0, 1.0, hessian=m)
+    np.testing.assert_allclose(eq.solve({"c": b[:1], "w": b[1:].reshape(1, 3)})["w"].ravel(),
+                               np.linalg.solve(m, b)[1:], rtol=1e-12)  # fmt: skip
+    perm = [1, 2, 3, 0]  # the same matrix with rows and columns in another order
+    with pytest.raises(ValueError, match="does not match dG/dtheta"):
+        optsens.EstimatingEquation.from_objective(f, theta0, 1.0, hessian=m[np.ix_(perm, perm)])
+
+
+def test_bad_given_hessian_is_reported():
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+    h = x.T @ x + np.eye(5)
+    with pytest.raises(ValueError, match=r"does not match dG/dtheta .* = \d"):
+        optsens.EstimatingEquation.from_objective(
+            ridge_objective, theta0, 1.0, args=(x, y), hessian=1.001 * h
+        )
+    with pytest.raises(ValueError, match=r"must be the \(5, 5\) matrix .* got shape \(4, 4\)"):
+        optsens.EstimatingEquation.from_objective(
+            ridge_objective, theta0, 1.0, args=(x, y), hessian=h[:4, :4]
+        )
+    with pytest.raises(ValueError, match="needs a dense solver"):
+        optsens.EstimatingEquation.from_objective(
+            ridge_objective, theta0, 1.0, args=(x, y), hessian=h, solver="cg"
+        )
+    with pytest.raises(TypeError, match="`hessian` must be a"):
+        optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y), hessian="H")
+    with pytest.raises(optsens.NonFiniteError, match="non-finite entries"):
+        optsens.EstimatingEquation.from_objective(
+            ridge_objective, theta0, 1.0, args=(x, y), hessian=np.where(np.eye(5) > 0, np.nan, h)
+        )
+
+
+def test_given_hessian_under_jit_is_checked_at_run_time():
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+    h = jnp.asarray(x.T @ x + np.eye(5))
+
+    @jax.jit
+    def derivative(h):
+        eq = optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y), hessian=h)
+        return optsens.taylor_expansion(eq, 2).derivatives(1.0)[1]
+
+    np.testing.assert_allclose(derivative(h), ridge_derivative(x, y, 1.0, 2), rtol=1e-11)
+    with pytest.raises(Exception, match="the `hessian` passed does not match"):
+        jax.block_until_ready(derivative(1.01 * h))

@@ -81,6 +81,12 @@ class EstimatingEquation(eqx.Module):
       the factorisation; recorded as `condition_number`) exceeds this is reported
       as numerically singular.
     - `iterative_rtol`, `iterative_max_steps`: settings of CG / GMRES.
+    - `hessian`: optionally ``H`` itself, a (D, D) array over the flattened `theta`
+      (leaves in pytree order), when you can form it more cheaply than automatic
+      differentiation does (``X^T diag(w) X`` for a GLM, or from your optimiser). It is
+      checked against one forward-mode derivative of ``G`` along a random direction
+      (relative mismatch above ``sqrt(machine epsilon)`` raises) and then used for
+      everything; the dense solvers are used whatever the size.
     - `regularization`: ``None`` (default) or ``delta > 0``, for optima that are not
       unique (collinear columns, over-parametrised models: ``H`` singular). Every
       solve then uses ``H + delta I`` (dense solvers only), and every derivative and
@@ -132,6 +138,7 @@ class EstimatingEquation(eqx.Module):
         iterative_rtol: float = 1e-10,
         iterative_max_steps: int = 10_000,
         regularization: float | None = None,
+        hessian: Any = None,
         _kind: str = "equation",
     ):
         if not callable(g):
@@ -184,6 +191,8 @@ class EstimatingEquation(eqx.Module):
             )
         problem = FlatProblem(g, _kind, theta_layout, eps_layout)
         _check_output_structure(problem, theta0, eps0, args)
+        if hessian is not None:
+            hessian = _given_hessian(hessian, theta_layout.size, theta_layout.dtype, solver)
 
         theta0_flat = theta_layout.ravel(theta0)
         eps0_flat = eps_layout.ravel(eps0)
@@ -192,7 +201,7 @@ class EstimatingEquation(eqx.Module):
         self.theta0_flat, self.eps0_flat = theta0_flat, eps0_flat
 
         if solver == "auto":
-            if theta_layout.size > _DENSE_LIMIT and regularization is None:
+            if theta_layout.size > _DENSE_LIMIT and regularization is None and hessian is None:
                 solver = "cg" if _kind == "objective" else "gmres"
             else:
                 solver = "cholesky" if _kind == "objective" else "lu"
@@ -205,13 +214,13 @@ class EstimatingEquation(eqx.Module):
             # One compiled call forms H, factorises it and computes everything the
             # checks need (compiled once per function and shape, like the kernels).
             hessian, factorised, summary = _factorise(
-                problem, solver, regularization, theta0_flat, eps0_flat, args
+                problem, solver, regularization, theta0_flat, eps0_flat, args, hessian
             )
             cond = float("nan")
             if not concrete:
                 # Under jit / vmap nothing can be fetched: the checks are compiled in and
                 # raise at run time (an XlaRuntimeError carrying the message).
-                factorised = _traced_checks(factorised, summary, residual_rtol)
+                factorised = _traced_checks(factorised, summary, residual_rtol, theta0_flat.dtype)
             self.solver = factorised
             if concrete:
                 # One transfer of a few scalars; the arrays are fetched only to explain a failure.
@@ -220,6 +229,7 @@ class EstimatingEquation(eqx.Module):
                     _check_finite_inputs({"theta0": theta0, "eps0": eps0, "args": args})
                 if not summary["hessian_finite"]:
                     _check_finite_hessian(hessian, theta_layout)
+                _check_hessian_matches(summary, theta0_flat.dtype)
                 cond = _check_factorisation(factorised, hessian, problem, cond_max, summary)
 
         if not concrete:
@@ -353,11 +363,22 @@ def _check_finite_hessian(hessian: jax.Array, layout: TreeLayout) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "solver", "regularization"))
-def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, eps0_flat, args):
+def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, eps0_flat, args, given=None):
     """H, its factorisation, and the scalars every check needs (finiteness of the
     inputs, H and the factor; ||H||_1; |G(theta0, eps0)| and its Newton step) in one
     compiled call. cond_1(H) is then estimated on the host from the factor."""
-    hessian = problem.hessian(theta0_flat, eps0_flat, args)
+    if given is None:
+        hessian = problem.hessian(theta0_flat, eps0_flat, args)
+        mismatch = jnp.zeros((), theta0_flat.dtype)
+    else:
+        # A user-supplied H is trusted only after one check against G: H u against
+        # the forward-mode derivative of G along a fixed random u (one jvp of G).
+        hessian = given
+        u = jax.random.normal(jax.random.PRNGKey(0), theta0_flat.shape, theta0_flat.dtype)
+        hu, ju = hessian @ u, problem.hvp(theta0_flat, eps0_flat, args, u)
+        mismatch = jnp.linalg.norm(hu - ju) / jnp.maximum(
+            jnp.linalg.norm(hu) + jnp.linalg.norm(ju), jnp.finfo(hu.dtype).tiny
+        )
     if regularization is not None:
         hessian = hessian + regularization * jnp.eye(hessian.shape[0], dtype=hessian.dtype)
     factorised = (CholeskySolver if solver == "cholesky" else LUSolver).factorise(hessian)
@@ -374,6 +395,7 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
         "residual_norm": jnp.linalg.norm(residual),
         "step_norm": jnp.max(jnp.abs(step), initial=0.0),
         "theta_scale": jnp.maximum(1.0, jnp.max(jnp.abs(theta0_flat), initial=0.0)),
+        "hessian_mismatch": mismatch,
     }
     # One float vector, so the host fetches every check's input in a single transfer.
     packed = jnp.stack([jnp.asarray(summary[key], hessian.dtype) for key in _SUMMARY_KEYS])
@@ -382,7 +404,7 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
 
 _SUMMARY_KEYS = (
     "hessian_finite", "factor_finite", "norm_1", "inputs_finite", "residual_finite",
-    "residual_norm", "step_norm", "theta_scale",
+    "residual_norm", "step_norm", "theta_scale", "hessian_mismatch",
 )  # fmt: skip
 
 
@@ -397,10 +419,13 @@ _TRACED_MESSAGES = (
     "optsens: `theta0` does not solve the equation at `eps0`: the Newton step H^-1 G exceeds "
     "`residual_rtol` * max(1, |theta0|). Run the optimiser to a tighter tolerance or raise "
     "`residual_rtol`.",
+    "optsens: the `hessian` passed does not match dG/dtheta at (theta0, eps0) along a random "
+    "direction; check its formula and the flattening order of theta (build the "
+    "EstimatingEquation outside jit for the size of the mismatch).",
 )
 
 
-def _traced_checks(factorised, packed, residual_rtol: float):
+def _traced_checks(factorised, packed, residual_rtol: float, dtype):
     """The construction checks as run-time errors attached to the factorisation.
 
     Used when `theta0`, `eps0` or the data are traced (the construction is inside a
@@ -416,9 +441,49 @@ def _traced_checks(factorised, packed, residual_rtol: float):
             summary["hessian_finite"] == 0,
             summary["factor_finite"] == 0,
             (summary["residual_finite"] == 0) | ~step_ok,
+            summary["hessian_mismatch"] > _mismatch_tol(dtype),
         ]
     )
     return eqx.branched_error_if(factorised, jnp.any(failures), jnp.argmax(failures), _TRACED_MESSAGES)
+
+
+def _mismatch_tol(dtype) -> float:
+    # sqrt(machine epsilon): H formed by another correct formula differs from the jvp
+    # by rounding (~eps); a wrong entry, sign or ordering differs by O(1).
+    return float(np.sqrt(np.finfo(dtype).eps))
+
+
+def _given_hessian(hessian, size: int, dtype, solver: str) -> jax.Array:
+    """Validate a user-supplied dense ``H`` over the flattened `theta`."""
+    if solver in ("cg", "gmres"):
+        raise ValueError(
+            f"`hessian` is a dense matrix and needs a dense solver; got solver={solver!r}. "
+            "Use solver='auto', 'cholesky' or 'lu'."
+        )
+    try:
+        h = jnp.asarray(hessian)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"`hessian` must be a (D, D) array; got {type(hessian).__name__} ({exc}).") from None
+    if h.shape != (size, size):
+        raise ValueError(
+            f"`hessian` must be the ({size}, {size}) matrix dG/dtheta over the flattened `theta` "
+            f"(leaves in pytree order, each raveled in C order); got shape {h.shape}."
+        )
+    if not jnp.issubdtype(h.dtype, jnp.inexact):
+        h = h.astype(dtype)
+    return h.astype(jnp.result_type(h.dtype, dtype))
+
+
+def _check_hessian_matches(summary, dtype) -> None:
+    mismatch = summary["hessian_mismatch"]
+    if mismatch > _mismatch_tol(dtype):
+        raise ValueError(
+            f"The `hessian` passed does not match dG/dtheta at (theta0, eps0): along a random "
+            f"direction u, |H u - dG/dtheta u| / (|H u| + |dG/dtheta u|) = {mismatch:.3g}. Check "
+            "its formula, that it is the Hessian of this `f` (or the Jacobian of this `g`) at "
+            "theta0 and eps0, and that rows and columns follow the flattened `theta` (leaves in "
+            "pytree order, each raveled in C order)."
+        )
 
 
 def _check_factorisation(solver, hessian, problem: FlatProblem, cond_max: float, summary) -> float:
