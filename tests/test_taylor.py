@@ -168,6 +168,32 @@ def test_models_with_special_functions_and_loops():
         np.testing.assert_allclose(a, b, rtol=1e-10)
 
 
+def test_equation_with_an_inner_iterative_solve_and_a_branch():
+    """G calls a while loop whose trip count is data (Newton's method for a square
+    root) and a `lax.cond`: Taylor mode follows both without nesting a loop per order,
+    and equals nested forward mode through `implicit_optimum` at order 5."""
+
+    def inner_sqrt(a):
+        def body(c):
+            return 0.5 * (c[0] + a / c[0]), c[1] + 1
+
+        keep_going = lambda c: (c[1] < 60) & (jnp.max(jnp.abs(c[0] ** 2 - a)) > 1e-15 * jnp.max(a))  # noqa: E731
+        return jax.lax.while_loop(keep_going, body, (jnp.ones_like(a), 0))[0]
+
+    def g(theta, eps):
+        scale = jax.lax.cond(eps > 0, lambda e: 1.0 + e, lambda e: jnp.exp(e), eps)
+        return theta**3 + theta - scale * inner_sqrt(theta**2 + 1.0 + eps)
+
+    theta0 = optsens.newton_solve(g, jnp.array([0.5, 1.5]), 0.3)
+    eq = optsens.EstimatingEquation(g, theta0, 0.3)
+    ts = optsens.taylor_expansion(eq, 5)
+    assert ts.method_used == "jet", ts.fallback_reason
+    fast = ts.derivatives(1.0)
+    slow = optsens.taylor_expansion(eq, 5, "nested").derivatives(1.0)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
 def test_auto_falls_back_when_taylor_mode_fails(ridge_eq, monkeypatch):
     """If Taylor mode cannot trace G, "auto" uses nested forward mode and says why."""
     x, y, _ = ridge_eq

@@ -56,13 +56,30 @@ def implicit_flat(problem: FlatProblem, solver: HessianSolver, theta0_flat, args
         def hessian_vector_product(x):
             return jax.jvp(lambda th: equation(th, eps), (theta,), (x,))[1]
 
-        theta_dot = lax.custom_linear_solve(
-            hessian_vector_product,
-            -g_eps_dot,
-            solve=lambda _matvec, b: solver.solve(b),
-            transpose_solve=lambda _matvec, b: solver.transpose_solve(b),
-            symmetric=problem.symmetric,
-        )
+        def solve(_matvec, b):
+            return solver.solve(b)
+
+        def transpose_solve(_matvec, b):
+            return solver.transpose_solve(b)
+
+        try:
+            theta_dot = lax.custom_linear_solve(
+                hessian_vector_product,
+                -g_eps_dot,
+                solve=solve,
+                transpose_solve=transpose_solve,
+                symmetric=problem.symmetric,
+            )
+        except Exception:  # noqa: BLE001
+            # A non-symmetric H's transposed product is built by transposing the HVP,
+            # which fails where G has no reverse mode (a while loop with a run-time
+            # trip count). Forward derivatives need no transpose: drop it (reverse
+            # mode through theta_hat then raises JAX's own error).
+            if problem.symmetric:
+                raise
+            theta_dot = lax.custom_linear_solve(
+                hessian_vector_product, -g_eps_dot, solve=solve, symmetric=False
+            )
         return theta, theta_dot
 
     return theta_hat_flat

@@ -22,7 +22,8 @@ Per equation of the jaxpr:
   followed) are interpreted recursively, in step; so are ``cond``/``switch`` (every
   branch in step, the outputs selected by the piecewise-constant index, as `vmap`
   does) and ``scan``s of up to `_SCAN_UNROLL_MAX` steps (``fori_loop`` with fixed
-  bounds; one nested state per step);
+  bounds; one nested state per step); a ``while_loop`` is re-run at each order
+  with the carry's coefficients in its carry;
 - linear primitives (``add``, ``reshape``, ``dot_general`` or ``mul`` with one
   constant operand, ...) map the newest coefficient alone; ``mul``/``dot_general``
   of two series is a convolution; ``div``, ``exp`` and ``log`` use their classical
@@ -30,8 +31,8 @@ Per equation of the jaxpr:
 - other primitives with a rule in ``jax.experimental.jet`` use that rule (which
   works on normalised coefficients) and keep its newest coefficient;
 - everything else — functions with custom JVP rules (``logaddexp``, ``softplus``,
-  user rules), primitives that jet lacks (``lgamma``, ``digamma``, ``while``, long
-  ``scan``s, ...) — goes through *the JVP rule*: for ``y = f(x)``,
+  user rules), primitives that jet lacks (``lgamma``, ``digamma``, long ``scan``s,
+  ...) — goes through *the JVP rule*: for ``y = f(x)``,
   ``y'(t) = J_f(x(t)) x'(t)``, so ``y_k = (y')_{k-1} / k`` where the series of ``y'``
   is the Taylor-mode image of ``f``'s JVP applied to the series of ``x`` and of
   ``x' = [x_1, 2 x_2, ..., K x_K]``, one order behind. The JVP is itself
@@ -68,6 +69,7 @@ _CUSTOM_JVP = _custom.custom_jvp_call_p
 _CUSTOM_VJP = _custom.custom_vjp_call_p
 _COND = _conditionals.cond_p
 _SCAN = _loops.scan_p
+_WHILE = _loops.while_p
 # Scans up to this many steps are followed step by step (one nested state per step:
 # linear in the length, and in the order). Longer ones go through their JVP rule,
 # which nests one scan per order.
@@ -754,6 +756,81 @@ class _ScanRule(_Rule):
         return self.correct(ins, in_delta, outs, 0)
 
 
+class _WhileRule(_Rule):
+    """``while_loop`` (a trip count known only at run time): at order ``k`` one new
+    loop carries the coefficients ``1..k`` of the carry along with its value.
+
+    The iterations cannot be kept between orders (their number is data), so order
+    ``k`` re-runs the loop, pushing the series of order ``k`` through the body at every
+    step: ``O(k^2)`` terms per step, polynomial in the order. Through its JVP rule
+    instead, the loop would nest one ``while`` per order (3x per order). The loop
+    condition reads the carry's value only: the trip count is constant along the path.
+    """
+
+    def init(self, in_primals):
+        outs = super().init(in_primals)
+        params = self.params
+        self.split = (params["cond_nconsts"], params["cond_nconsts"] + params["body_nconsts"])
+        self.out_moving = [_is_inexact(o) for o in outs]
+        self.carry_primals = outs
+        self.last: list | None = None
+        return outs
+
+    def _series_loop(self, ins, k):
+        """Coefficient ``k`` of the loop's outputs from the inputs' ``1..k``."""
+        a, b = self.split
+        params = self.params
+        cond_consts = [p for p, _ in ins[:a]]
+        body_consts = [p for p, _ in ins[a:b]]
+        const_moving = [c is not None for _, c in ins[a:b]]
+        const_coeffs = [None if c is None else c[1 : k + 1] for _, c in ins[a:b]]
+        carry_moving = self.out_moving
+        init_p = [p for p, _ in ins[b:]]
+        init_c = [
+            [(_zeros_like(p) if c is None or c[j] is None else c[j]) for j in range(1, k + 1)] if mov else []
+            for (p, c), mov in zip(ins[b:], carry_moving, strict=True)
+        ]
+        body = params["body_jaxpr"]
+
+        def cond_fun(state):
+            carry, _ = state
+            return jax_core.eval_jaxpr(params["cond_jaxpr"].jaxpr, params["cond_jaxpr"].consts,
+                                       *cond_consts, *carry)[0]  # fmt: skip
+
+        def body_fun(state):
+            carry, coeffs = state
+            st = SeriesState(body, [*body_consts, *carry], [*const_moving, *carry_moving])
+            for j in range(k):
+                tops = [None if c is None else c[j] for c in const_coeffs]
+                tops += [c[j] if c else None for c in coeffs]
+                st.extend(tops)
+            new = st.primals_out()
+            new_c = []
+            for p, c, mov in zip(new, st.coefficients_out(), carry_moving, strict=True):
+                if not mov:
+                    new_c.append([])
+                    continue
+                new_c.append([_zeros_like(p) if c is None or c[j] is None else _fit(c[j], p)
+                              for j in range(1, k + 1)])  # fmt: skip
+            return new, new_c
+
+        _, final_c = lax.while_loop(cond_fun, body_fun, (init_p, init_c))
+        return [c[k - 1] if c else None for c in final_c]
+
+    def extend(self, ins, outs, k):
+        self.last = self._series_loop(ins, k)
+        return self.last
+
+    def correct(self, ins, in_delta, outs, k):
+        old, new = self.last, self._series_loop(ins, k)
+        self.last = new
+        return [None if n is None else n - o for n, o in zip(new, old, strict=True)]
+
+    def reevaluate(self, ins, in_delta, outs):
+        new = _evaluate(self.prim, self.params, [p for p, _ in ins])
+        return [None if c is None else n - c[0] for n, c in zip(new, outs, strict=True)]
+
+
 def _make_rule(eqn, in_moving) -> _Rule:
     prim = eqn.primitive
     n_moving = sum(in_moving)
@@ -763,6 +840,8 @@ def _make_rule(eqn, in_moving) -> _Rule:
         return _CondRule(eqn, in_moving)
     if prim is _SCAN and 0 < eqn.params["length"] <= _SCAN_UNROLL_MAX:
         return _ScanRule(eqn, in_moving)
+    if prim is _WHILE:
+        return _WhileRule(eqn, in_moving)
     if prim is _CUSTOM_VJP:
         # Reverse-mode-only rules say nothing about forward derivatives: follow the
         # primal computation.
