@@ -494,3 +494,39 @@ def test_correct_at_order_zero_across_a_branch_rebuilds_the_state(name):
     fresh = SeriesState(jax.make_jaxpr(f)(moved), [moved], [True])
     for _ in range(3):
         np.testing.assert_allclose(state.extend([jnp.ones(2)])[0], fresh.extend([jnp.ones(2)])[0], rtol=1e-15)
+
+
+def test_only_the_selected_branch_runs():
+    """An untaken branch may be invalid where it is not taken (an iterative solve that
+    would not terminate): the series must not run it. A callback counts its runs."""
+    runs = []
+
+    def guarded(x):
+        jax.debug.callback(lambda: runs.append(1))
+        return jnp.sqrt(x) * x
+
+    f = lambda x: lax.cond(x[0] > 0, guarded, lambda z: -(z**3), x)  # noqa: E731
+    x0 = jnp.array([-0.5, 0.3])
+    state = SeriesState(jax.make_jaxpr(f)(x0), [x0], [True])
+    got = [state.extend([jnp.ones(2) if k == 0 else None])[0] for k in range(3)]
+    jax.block_until_ready(got)
+    assert runs == []
+    # -(x0 + t)^3 = -x0^3 - 3 x0^2 t - 3 x0 t^2 - t^3
+    for k, want in enumerate([-3 * x0**2, -3 * x0, -jnp.ones(2)], start=1):
+        assert_coefficient(got[k - 1], want)
+
+
+def test_program_size_does_not_grow_with_the_scan_length():
+    """A scan is emitted again per order, not unrolled: 5 or 50 steps, same program."""
+
+    def sizes(length):
+        f = lambda x: lax.fori_loop(0, length, lambda i, c: jnp.tanh(c) * x + c, x)  # noqa: E731
+        closed = jax.make_jaxpr(f)(jnp.ones(2))
+
+        def run(x):
+            state = SeriesState(closed, [x], [True])
+            return [state.extend([x]) for _ in range(3)]
+
+        return _count_equations(jax.make_jaxpr(run)(jnp.ones(2)).jaxpr)
+
+    assert sizes(5) == sizes(50)

@@ -194,6 +194,27 @@ def test_equation_with_an_inner_iterative_solve_and_a_branch():
         np.testing.assert_allclose(a, b, rtol=1e-10)
 
 
+def test_vmapped_inner_while_loop_stays_in_taylor_mode():
+    """A per-observation iterative solve (vmap of a while loop: a batched predicate)
+    goes through its JVP rule and stays in Taylor mode."""
+
+    def inner(a, b):
+        step = lambda c: (c[0] + 1, c[1] * (1.0 + b) + a)  # noqa: E731
+        return jax.lax.while_loop(lambda c: c[1] < 2.0 + a, step, (0, b))[1]
+
+    def g(theta, eps):
+        solved = jax.vmap(inner)(0.5 + 0.1 * theta * eps, 0.3 + 0.0 * theta)
+        return theta + 0.1 * solved - eps * jnp.arange(1.0, 4.0)
+
+    theta0 = optsens.newton_solve(g, jnp.zeros(3), 0.3)
+    eq = optsens.EstimatingEquation(g, theta0, 0.3)
+    ts = optsens.taylor_expansion(eq, 3)
+    assert ts.method_used == "jet", ts.fallback_reason
+    slow = optsens.taylor_expansion(eq, 3, "jvp").derivatives(1.0)
+    for a, b in zip(ts.derivatives(1.0), slow, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
 def test_auto_falls_back_when_taylor_mode_fails(ridge_eq, monkeypatch):
     """If Taylor mode cannot trace G, "auto" uses nested forward mode and says why."""
     x, y, _ = ridge_eq

@@ -19,11 +19,11 @@ Per equation of the jaxpr:
 
 - no input carries a series: evaluated once, constant along the path;
 - ``jit`` sub-jaxprs and ``custom_vjp`` functions (whose primal computation is
-  followed) are interpreted recursively, in step; so are ``cond``/``switch`` (every
-  branch in step, the outputs selected by the piecewise-constant index, as `vmap`
-  does) and ``scan``s of up to `_SCAN_UNROLL_MAX` steps (``fori_loop`` with fixed
-  bounds; one nested state per step); a ``while_loop`` is re-run at each order
-  with the carry's coefficients in its carry;
+  followed) are interpreted recursively, in step;
+- ``cond``/``switch``, ``scan`` (``fori_loop``) and ``while_loop`` are emitted again
+  at each order ``k`` with the series of order ``k`` pushed through their bodies (the
+  loops carry the coefficients ``1..k`` of their carry; only the selected branch
+  runs): polynomial in the order, and the program does not grow with a loop's length;
 - linear primitives (``add``, ``reshape``, ``dot_general`` or ``mul`` with one
   constant operand, ...) map the newest coefficient alone; ``mul``/``dot_general``
   of two series is a convolution; ``div``, ``exp`` and ``log`` use their classical
@@ -31,8 +31,8 @@ Per equation of the jaxpr:
 - other primitives with a rule in ``jax.experimental.jet`` use that rule (which
   works on normalised coefficients) and keep its newest coefficient;
 - everything else — functions with custom JVP rules (``logaddexp``, ``softplus``,
-  user rules), primitives that jet lacks (``lgamma``, ``digamma``, long ``scan``s,
-  ...) — goes through *the JVP rule*: for ``y = f(x)``,
+  user rules), primitives that jet lacks (``lgamma``, ``digamma``, a vmapped
+  ``while``, ...) — goes through *the JVP rule*: for ``y = f(x)``,
   ``y'(t) = J_f(x(t)) x'(t)``, so ``y_k = (y')_{k-1} / k`` where the series of ``y'``
   is the Taylor-mode image of ``f``'s JVP applied to the series of ``x`` and of
   ``x' = [x_1, 2 x_2, ..., K x_K]``, one order behind. The JVP is itself
@@ -70,10 +70,6 @@ _CUSTOM_VJP = _custom.custom_vjp_call_p
 _COND = _conditionals.cond_p
 _SCAN = _loops.scan_p
 _WHILE = _loops.while_p
-# Scans up to this many steps are followed step by step (one nested state per step:
-# linear in the length, and in the order). Longer ones go through their JVP rule,
-# which nests one scan per order.
-_SCAN_UNROLL_MAX = 128
 # Bilinear primitives: linear in each argument, so one constant operand makes the
 # whole product linear in the other.
 _BILINEAR = {lax.mul_p, lax.dot_general_p}
@@ -651,184 +647,144 @@ class _JvpRule(_Rule):
         return self._result(new[self.n_out :], k)
 
 
-def _stack_or_none(tops: list, primals: list):
-    """One output's newest coefficient per step/branch -> stacked (``None``: all zero)."""
-    if all(t is None for t in tops):
-        return None
-    return [jnp.zeros_like(p) if t is None else t for t, p in zip(tops, primals, strict=True)]
+def _filled(p, c, k: int) -> list:
+    """Coefficients ``1..k`` of a value (``None`` entries or a constant value: zeros)."""
+    return [_zeros_like(p) if c is None or c[j] is None else _fit(c[j], p) for j in range(1, k + 1)]
 
 
-class _CondRule(_Rule):
-    """``cond`` / ``switch``: every branch in step, outputs selected by the index.
-
-    The index is piecewise constant (it is never differentiated), so along the path
-    the output's coefficients are those of the selected branch. Going through the
-    JVP rule instead would nest one ``cond`` per order (3x more equations per order).
-    """
-
-    def init(self, in_primals):
-        self.index = in_primals[0]
-        branches = self.params["branches"]
-        self.states = [SeriesState(b, in_primals[1:], self.in_moving[1:]) for b in branches]
-        per_branch = [st.primals_out() for st in self.states]
-        self.primals = [list(outs) for outs in zip(*per_branch, strict=True)]
-        coeffs = [st.coefficients_out() for st in self.states]
-        self.out_moving = [any(c[j] is not None for c in coeffs) for j in range(len(self.primals))]
-        return [self._select(vals) for vals in self.primals]
-
-    def _select(self, values):
-        return values[0] if len(values) == 1 else lax.select_n(self.index, *values)
-
-    def _combine(self, per_branch):
-        out = []
-        for j, tops in enumerate(zip(*per_branch, strict=True)):
-            filled = _stack_or_none(list(tops), self.primals[j])
-            out.append(None if filled is None or not self.out_moving[j] else self._select(filled))
-        return out
-
-    def extend(self, ins, outs, k):
-        tops = [_top(c, k) for _, c in ins[1:]]
-        return self._combine([st.extend(tops) for st in self.states])
-
-    def correct(self, ins, in_delta, outs, k):
-        return self._combine([st.correct(in_delta[1:]) for st in self.states])
-
-    def reevaluate(self, ins, in_delta, outs):
-        return self._combine([st.correct(in_delta[1:]) for st in self.states])
-
-
-class _ScanRule(_Rule):
-    """A ``scan`` of fixed length (``fori_loop`` with static bounds), step by step.
-
-    One nested state per step, chained through the carry: step ``i`` sees the
-    consts, the carry left by step ``i - 1`` and slice ``i`` of the scanned inputs.
-    Work and program size are linear in the length and in the order.
-    """
-
-    def init(self, in_primals):
-        params = self.params
-        nc, ncar, length = params["num_consts"], params["num_carry"], params["length"]
-        self.split = (nc, nc + ncar)
-        self.steps = list(range(length))[::-1] if params["reverse"] else list(range(length))
-        consts, carry, xs = self._parts(in_primals)
-        c_mov, carry_mov, x_mov = self._parts(self.in_moving)
-        self.states, self.ys_primals = [], [None] * length
-        for i in self.steps:
-            state = SeriesState(params["jaxpr"], [*consts, *carry, *[x[i] for x in xs]],
-                                [*c_mov, *carry_mov, *x_mov])  # fmt: skip
-            outs, coeffs = state.primals_out(), state.coefficients_out()
-            carry, carry_mov = outs[:ncar], [c is not None for c in coeffs[:ncar]]
-            self.ys_primals[i] = outs[ncar:]
-            self.states.append(state)
-        ys_moving = [
-            any(st.coefficients_out()[ncar + j] is not None for st in self.states)
-            for j in range(len(self.ys_primals[0]))
-        ]
-        self.out_moving = [*carry_mov, *ys_moving]
-        return [*carry, *[jnp.stack(list(col)) for col in zip(*self.ys_primals, strict=True)]]
-
-    def _parts(self, values):
-        a, b = self.split
-        return list(values[:a]), list(values[a:b]), list(values[b:])
-
-    def _chain(self, consts, carry, xs, step_fn):
-        """Run `step_fn(state, inputs)` along the steps; the outputs' newest coefficients."""
-        ncar = self.split[1] - self.split[0]
-        ys_tops = [None] * len(self.ys_primals)
-        for state, i in zip(self.states, self.steps, strict=True):
-            tops = step_fn(state, [*consts, *carry, *[None if x is None else x[i] for x in xs]])
-            carry, ys_tops[i] = tops[:ncar], tops[ncar:]
-        ys = []
-        for j in range(len(self.out_moving) - ncar):
-            filled = _stack_or_none([t[j] for t in ys_tops], [p[j] for p in self.ys_primals])
-            ys.append(None if filled is None else jnp.stack(filled))
-        return [*carry, *ys]
-
-    def extend(self, ins, outs, k):
-        consts, carry, xs = self._parts([_top(c, k) for _, c in ins])
-        return self._chain(consts, carry, xs, lambda st, tops: st.extend(tops))
-
-    def correct(self, ins, in_delta, outs, k):
-        consts, carry, xs = self._parts(in_delta)
-        return self._chain(consts, carry, xs, lambda st, deltas: st.correct(deltas))
-
-    def reevaluate(self, ins, in_delta, outs):
-        return self.correct(ins, in_delta, outs, 0)
-
-
-class _WhileRule(_Rule):
-    """``while_loop`` (a trip count known only at run time): at order ``k`` one new
-    loop carries the coefficients ``1..k`` of the carry along with its value.
-
-    The iterations cannot be kept between orders (their number is data), so order
-    ``k`` re-runs the loop, pushing the series of order ``k`` through the body at every
-    step: ``O(k^2)`` terms per step, polynomial in the order. Through its JVP rule
-    instead, the loop would nest one ``while`` per order (3x per order). The loop
-    condition reads the carry's value only: the trip count is constant along the path.
-    """
+class _RerunRule(_Rule):
+    """Control flow whose intermediate values cannot be kept between orders (a
+    branch chosen at run time, a loop): at order ``k`` the construct is emitted again
+    with the series of order ``k`` pushed through its body, and coefficient ``k`` of
+    its outputs is read off. Every inexact output is treated as moving (zeros where
+    it does not). Polynomial in the order; through the JVP rule the construct would
+    nest once per order (3x more program per order)."""
 
     def init(self, in_primals):
         outs = super().init(in_primals)
-        params = self.params
-        self.split = (params["cond_nconsts"], params["cond_nconsts"] + params["body_nconsts"])
         self.out_moving = [_is_inexact(o) for o in outs]
-        self.carry_primals = outs
+        self.out_primals = outs
         self.last: list | None = None
         return outs
 
-    def _series_loop(self, ins, k):
-        """Coefficient ``k`` of the loop's outputs from the inputs' ``1..k``."""
-        a, b = self.split
-        params = self.params
-        cond_consts = [p for p, _ in ins[:a]]
-        body_consts = [p for p, _ in ins[a:b]]
-        const_moving = [c is not None for _, c in ins[a:b]]
-        const_coeffs = [None if c is None else c[1 : k + 1] for _, c in ins[a:b]]
-        carry_moving = self.out_moving
-        init_p = [p for p, _ in ins[b:]]
-        init_c = [
-            [(_zeros_like(p) if c is None or c[j] is None else c[j]) for j in range(1, k + 1)] if mov else []
-            for (p, c), mov in zip(ins[b:], carry_moving, strict=True)
-        ]
-        body = params["body_jaxpr"]
-
-        def cond_fun(state):
-            carry, _ = state
-            return jax_core.eval_jaxpr(params["cond_jaxpr"].jaxpr, params["cond_jaxpr"].consts,
-                                       *cond_consts, *carry)[0]  # fmt: skip
-
-        def body_fun(state):
-            carry, coeffs = state
-            st = SeriesState(body, [*body_consts, *carry], [*const_moving, *carry_moving])
-            for j in range(k):
-                tops = [None if c is None else c[j] for c in const_coeffs]
-                tops += [c[j] if c else None for c in coeffs]
-                st.extend(tops)
-            new = st.primals_out()
-            new_c = []
-            for p, c, mov in zip(new, st.coefficients_out(), carry_moving, strict=True):
-                if not mov:
-                    new_c.append([])
-                    continue
-                new_c.append([_zeros_like(p) if c is None or c[j] is None else _fit(c[j], p)
-                              for j in range(1, k + 1)])  # fmt: skip
-            return new, new_c
-
-        _, final_c = lax.while_loop(cond_fun, body_fun, (init_p, init_c))
-        return [c[k - 1] if c else None for c in final_c]
+    def _series(self, ins, k) -> list:
+        raise NotImplementedError
 
     def extend(self, ins, outs, k):
-        self.last = self._series_loop(ins, k)
+        self.last = self._series(ins, k)
         return self.last
 
     def correct(self, ins, in_delta, outs, k):
-        old, new = self.last, self._series_loop(ins, k)
+        # The inputs' coefficient k is already updated: emit again, return the change.
+        old, new = self.last, self._series(ins, k)
         self.last = new
         return [None if n is None else n - o for n, o in zip(new, old, strict=True)]
 
     def reevaluate(self, ins, in_delta, outs):
         new = _evaluate(self.prim, self.params, [p for p, _ in ins])
         return [None if c is None else n - c[0] for n, c in zip(new, outs, strict=True)]
+
+    def _body_series(self, closed, primals, moving, coeffs, k):
+        """Coefficients ``1..k`` of `closed`'s outputs (moving outputs only) at `primals`."""
+        state = SeriesState(closed, primals, moving)
+        for j in range(k):
+            state.extend([c[j] if c else None for c in coeffs])
+        # The body's outputs mirror the construct's (branch outputs; carry, then ys).
+        outs, coeffs = state.primals_out(), state.coefficients_out()
+        return outs, [
+            _filled(p, c, k) if mov else [] for p, c, mov in zip(outs, coeffs, self.out_moving, strict=True)
+        ]
+
+
+class _CondRule(_RerunRule):
+    """``cond`` / ``switch``: at each order a new ``switch`` on the same index whose
+    branches push the series through themselves, so only the selected branch runs
+    (an untaken branch may be invalid at this point, e.g. loop forever)."""
+
+    def _series(self, ins, k):
+        index = ins[0][0]
+        primals = [p for p, _ in ins[1:]]
+        moving = list(self.in_moving[1:])
+        coeffs = [_filled(p, c, k) if mov else [] for (p, c), mov in zip(ins[1:], moving, strict=True)]
+
+        def branch_fn(closed):
+            def run(primals, coeffs):
+                _, out = self._body_series(closed, primals, moving, coeffs, k)
+                return [c[k - 1] for c in out if c]
+
+            return run
+
+        tops = iter(lax.switch(index, [branch_fn(b) for b in self.params["branches"]], primals, coeffs))
+        return [next(tops) if mov else None for mov in self.out_moving]
+
+
+class _ScanRule(_RerunRule):
+    """``scan`` (``fori_loop`` with static bounds): at each order a new scan whose
+    carry holds the carry's coefficients ``1..k`` and whose scanned inputs and outputs
+    carry their coefficient stacks. The program does not grow with the length."""
+
+    def _series(self, ins, k):
+        params = self.params
+        nc, ncar = params["num_consts"], params["num_carry"]
+        primals = [p for p, _ in ins]
+        moving = list(self.in_moving)
+        for i in range(nc, nc + ncar):  # every inexact carry moves inside the loop
+            moving[i] = _is_inexact(primals[i])
+        coeffs = [_filled(p, c, k) if mov else [] for (p, c), mov in zip(ins, moving, strict=True)]
+        consts, consts_c = primals[:nc], coeffs[:nc]
+
+        def body(state, xs):
+            carry, carry_c = state
+            x, x_c = xs
+            outs, out_c = self._body_series(
+                params["jaxpr"], [*consts, *carry, *x], moving, [*consts_c, *carry_c, *x_c], k
+            )
+            ys_top = [c[k - 1] for c in out_c[ncar:] if c]
+            return (outs[:ncar], out_c[:ncar]), (outs[ncar:], ys_top)
+
+        init = (primals[nc : nc + ncar], coeffs[nc : nc + ncar])
+        xs = (primals[nc + ncar :], coeffs[nc + ncar :])
+        length, reverse = params["length"], params["reverse"]
+        (_, carry_c), (_, ys_top) = lax.scan(body, init, xs, length=length, reverse=reverse)
+        ys_top = iter(ys_top)
+        carry_tops = [c[k - 1] if c else None for c in carry_c]
+        ys = [next(ys_top) if mov else None for mov in self.out_moving[ncar:]]
+        return [*carry_tops, *ys]
+
+
+class _WhileRule(_RerunRule):
+    """``while_loop`` (a trip count known only at run time): at each order a new loop
+    carries the coefficients ``1..k`` of the carry along with its value. The loop
+    condition reads the value only: the trip count is constant along the path (a
+    strict comparison at a generic point), as in JAX's own JVP of ``while``."""
+
+    def _series(self, ins, k):
+        params = self.params
+        nc_cond, nc_body = params["cond_nconsts"], params["body_nconsts"]
+        primals = [p for p, _ in ins]
+        cond_consts = primals[:nc_cond]
+        body_consts = primals[nc_cond : nc_cond + nc_body]
+        carry0 = primals[nc_cond + nc_body :]
+        const_moving = list(self.in_moving[nc_cond : nc_cond + nc_body])
+        carry_moving = self.out_moving
+        const_c = [_filled(p, c, k) if mov else [] for (p, c), mov
+                   in zip(ins[nc_cond : nc_cond + nc_body], const_moving, strict=True)]  # fmt: skip
+        carry_c0 = [_filled(p, c, k) if mov else [] for (p, c), mov
+                    in zip(ins[nc_cond + nc_body :], carry_moving, strict=True)]  # fmt: skip
+        cond = params["cond_jaxpr"]
+
+        def cond_fun(state):
+            return jax_core.eval_jaxpr(cond.jaxpr, cond.consts, *cond_consts, *state[0])[0]
+
+        def body_fun(state):
+            carry, carry_c = state
+            return self._body_series(
+                params["body_jaxpr"], [*body_consts, *carry], [*const_moving, *carry_moving],
+                [*const_c, *carry_c], k,
+            )  # fmt: skip
+
+        _, final_c = lax.while_loop(cond_fun, body_fun, (carry0, carry_c0))
+        return [c[k - 1] if c else None for c in final_c]
 
 
 def _make_rule(eqn, in_moving) -> _Rule:
@@ -838,9 +794,10 @@ def _make_rule(eqn, in_moving) -> _Rule:
         return _SubJaxprRule(eqn, in_moving, eqn.params["jaxpr"])
     if prim is _COND:
         return _CondRule(eqn, in_moving)
-    if prim is _SCAN and 0 < eqn.params["length"] <= _SCAN_UNROLL_MAX:
+    if prim is _SCAN and eqn.params["length"] > 0:
         return _ScanRule(eqn, in_moving)
-    if prim is _WHILE:
+    if prim is _WHILE and eqn.params["cond_jaxpr"].out_avals[0].shape == ():
+        # (A batched predicate, from vmap of a while loop, goes through the JVP rule.)
         return _WhileRule(eqn, in_moving)
     if prim is _CUSTOM_VJP:
         # Reverse-mode-only rules say nothing about forward derivatives: follow the
