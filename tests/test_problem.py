@@ -224,3 +224,17 @@ def test_given_hessian_under_jit_is_checked_at_run_time():
     np.testing.assert_allclose(derivative(h), ridge_derivative(x, y, 1.0, 2), rtol=1e-11)
     with pytest.raises(Exception, match="the `hessian` passed does not match"):
         jax.block_until_ready(derivative(1.01 * h))
+
+
+def test_given_float64_hessian_keeps_float32_theta_in_float32():
+    x, y = ridge_data()
+    h = x.T @ x + np.eye(5)  # NumPy float64
+    theta0 = jnp.asarray(np.linalg.solve(h, x.T @ y), jnp.float32)
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    eq = optsens.EstimatingEquation.from_objective(
+        ridge_objective, theta0, jnp.float32(1.0), args=args, hessian=h, residual_rtol=1e-4
+    )
+    d1 = optsens.taylor_expansion(eq, 1).derivatives(jnp.float32(1.0))[0]
+    assert d1.dtype == jnp.float32
+    np.testing.assert_allclose(d1, ridge_derivative(x, y, 1.0, 1), rtol=1e-4)
+    assert jax.jacfwd(optsens.implicit_optimum(eq))(jnp.float32(1.0)).dtype == jnp.float32

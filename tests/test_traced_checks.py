@@ -91,3 +91,46 @@ def test_non_finite_coefficients_raise_at_run_time():
     ts = optsens.taylor_expansion(eq, 3)
     with pytest.raises(Exception, match="Taylor coefficients are not finite"):
         jax.block_until_ready(jax.jit(lambda v: ts.derivatives(v))(jnp.asarray(jnp.nan)))
+
+
+def test_exactly_singular_lu_is_a_factorisation_failure_under_jit():
+    """LU of an exactly singular H stays finite (a zero pivot): still reported as a
+    failed factorisation, not as a bad theta0."""
+    a = jnp.array([[1.0, 2.0], [2.0, 4.0]])
+
+    def g(theta, eps):
+        return a @ theta - eps * jnp.array([1.0, 1.0])
+
+    jitted = jax.jit(lambda t: _derivatives(g, t, jnp.asarray(0.0), (), 2, kind="equation"))
+    with pytest.raises(Exception, match="the factorisation of H failed: H is singular"):
+        jax.block_until_ready(jitted(jnp.zeros(2)))
+    with pytest.raises(optsens.SingularHessianError):
+        optsens.EstimatingEquation(g, jnp.zeros(2), 0.0)
+
+
+def test_matrix_free_solver_is_checked_under_jit():
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+
+    @jax.jit
+    def derivative(t):
+        eq = optsens.EstimatingEquation.from_objective(ridge_objective, t, 1.0, args=(x, y), solver="cg")
+        return optsens.taylor_expansion(eq, 2).derivatives(1.0)[1]
+
+    np.testing.assert_allclose(derivative(theta0), ridge_derivative(x, y, 1.0, 2), rtol=1e-7)
+    with pytest.raises(Exception, match="`theta0` does not solve the equation"):
+        jax.block_until_ready(derivative(theta0 + 0.5))
+
+
+def test_automatic_matrix_free_choice_names_non_finite_data(monkeypatch):
+    """solver='auto' resolving to CG (above the dense limit; lowered here) still names
+    the offending argument."""
+    monkeypatch.setattr(optsens._problem, "_DENSE_LIMIT", 3)
+    x, y = ridge_data()
+    theta0 = ridge_solution(x, y, 1.0)
+    eq = optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y))
+    assert eq.solver_name == "cg"
+    y_bad = np.array(y)
+    y_bad[2] = np.nan
+    with pytest.raises(optsens.NonFiniteError, match=r"`args\[1\]` has 1 non-finite"):
+        optsens.EstimatingEquation.from_objective(ridge_objective, theta0, 1.0, args=(x, y_bad))

@@ -83,10 +83,11 @@ class EstimatingEquation(eqx.Module):
     - `iterative_rtol`, `iterative_max_steps`: settings of CG / GMRES.
     - `hessian`: optionally ``H`` itself, a (D, D) array over the flattened `theta`
       (leaves in pytree order), when you can form it more cheaply than automatic
-      differentiation does (``X^T diag(w) X`` for a GLM, or from your optimiser). It is
-      checked against one forward-mode derivative of ``G`` along a random direction
-      (relative mismatch above ``sqrt(machine epsilon)`` raises) and then used for
-      everything; the dense solvers are used whatever the size.
+      differentiation does (``X^T diag(w) X`` for a GLM). It must be ``H`` at
+      ``(theta0, eps0)`` to rounding: it is checked against one forward-mode
+      derivative of ``G`` along a random direction (a relative mismatch above
+      ``sqrt(machine epsilon)`` raises), then factorised and used for every solve
+      (dense solvers whatever the size; `hessian()` still differentiates ``G``).
     - `regularization`: ``None`` (default) or ``delta > 0``, for optima that are not
       unique (collinear columns, over-parametrised models: ``H`` singular). Every
       solve then uses ``H + delta I`` (dense solvers only), and every derivative and
@@ -175,9 +176,6 @@ class EstimatingEquation(eqx.Module):
         if not jax.tree_util.tree_leaves(theta0):
             raise ValueError("`theta0` has no arrays in it; it must hold the parameters.")
         concrete = _is_concrete((theta0, eps0, args))
-        if concrete and solver in ("cg", "gmres"):
-            # (The dense path checks the inputs inside its one compiled call.)
-            _check_finite_inputs({"theta0": theta0, "eps0": eps0, "args": args})
         theta_layout, eps_layout = TreeLayout.of(theta0), TreeLayout.of(eps0)
         if solver == "cholesky" and _kind != "objective":
             raise ValueError(
@@ -206,9 +204,15 @@ class EstimatingEquation(eqx.Module):
             else:
                 solver = "cholesky" if _kind == "objective" else "lu"
         if solver in ("cg", "gmres"):
-            self.solver = IterativeSolver(
+            if concrete:  # (the dense path checks the inputs inside its one compiled call)
+                _check_finite_inputs({"theta0": theta0, "eps0": eps0, "args": args})
+            iterative = IterativeSolver(
                 problem, solver, iterative_rtol, iterative_max_steps, theta0_flat, eps0_flat, args
             )
+            if not concrete:
+                iterative = _traced_checks(iterative, _iterative_summary(iterative), residual_rtol,
+                                           theta0_flat.dtype)  # fmt: skip
+            self.solver = iterative
             cond = float("nan")
         else:
             # One compiled call forms H, factorises it and computes everything the
@@ -386,9 +390,12 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
     step = factorised.solve(residual)
     summary = {
         "hessian_finite": jnp.all(jnp.isfinite(hessian)),
+        # Not finite (Cholesky of a matrix that is not positive definite), or an exact
+        # zero pivot (LU of an exactly singular matrix stays finite).
         "factor_finite": jnp.all(
             jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(factorised)])
-        ),
+        )
+        & jnp.all(jnp.diagonal(factorised.lu if solver == "lu" else factorised.factor) != 0),
         "norm_1": jnp.max(jnp.sum(jnp.abs(hessian), axis=0), initial=0.0),
         "inputs_finite": jnp.all(jnp.asarray(_leaves_finite((theta0_flat, eps0_flat, args)))),
         "residual_finite": jnp.all(jnp.isfinite(residual)),
@@ -430,8 +437,8 @@ def _traced_checks(factorised, packed, residual_rtol: float, dtype):
 
     Used when `theta0`, `eps0` or the data are traced (the construction is inside a
     jitted or vmapped function), so they cannot be fetched. The condition-number
-    check needs the host and is skipped; exact singularity and indefiniteness still
-    show as a non-finite factor.
+    check needs the host and is skipped; exact singularity (a zero pivot) and
+    indefiniteness (a non-finite Cholesky factor) are still caught.
     """
     summary = dict(zip(_SUMMARY_KEYS, packed, strict=True))
     step_ok = summary["step_norm"] <= residual_rtol * summary["theta_scale"]
@@ -441,10 +448,30 @@ def _traced_checks(factorised, packed, residual_rtol: float, dtype):
             summary["hessian_finite"] == 0,
             summary["factor_finite"] == 0,
             (summary["residual_finite"] == 0) | ~step_ok,
-            summary["hessian_mismatch"] > _mismatch_tol(dtype),
+            ~(summary["hessian_mismatch"] <= _mismatch_tol(dtype)),
         ]
     )
     return eqx.branched_error_if(factorised, jnp.any(failures), jnp.argmax(failures), _TRACED_MESSAGES)
+
+
+def _iterative_summary(solver: IterativeSolver) -> jax.Array:
+    """The checks' scalars for a matrix-free solver (one iterative solve for the
+    Newton step), packed like `_factorise`'s."""
+    residual = solver.problem.equation(solver.theta0, solver.eps0, solver.args)
+    step = solver.solve(jnp.where(jnp.isfinite(residual), residual, 0.0))
+    one = jnp.ones((), residual.dtype)
+    summary = {
+        "hessian_finite": one,
+        "factor_finite": one,
+        "norm_1": jnp.zeros((), residual.dtype),
+        "inputs_finite": jnp.all(jnp.asarray(_leaves_finite((solver.theta0, solver.eps0, solver.args)))),
+        "residual_finite": jnp.all(jnp.isfinite(residual)),
+        "residual_norm": jnp.linalg.norm(residual),
+        "step_norm": jnp.max(jnp.abs(step), initial=0.0),
+        "theta_scale": jnp.maximum(1.0, jnp.max(jnp.abs(solver.theta0), initial=0.0)),
+        "hessian_mismatch": jnp.zeros((), residual.dtype),
+    }
+    return jnp.stack([jnp.asarray(summary[key], residual.dtype) for key in _SUMMARY_KEYS])
 
 
 def _mismatch_tol(dtype) -> float:
@@ -469,14 +496,14 @@ def _given_hessian(hessian, size: int, dtype, solver: str) -> jax.Array:
             f"`hessian` must be the ({size}, {size}) matrix dG/dtheta over the flattened `theta` "
             f"(leaves in pytree order, each raveled in C order); got shape {h.shape}."
         )
-    if not jnp.issubdtype(h.dtype, jnp.inexact):
-        h = h.astype(dtype)
-    return h.astype(jnp.result_type(h.dtype, dtype))
+    if jnp.issubdtype(h.dtype, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(f"`hessian` must be real like `theta0`; got dtype {h.dtype}.")
+    return h.astype(dtype)  # theta's precision throughout (a NumPy float64 H for float32 theta)
 
 
 def _check_hessian_matches(summary, dtype) -> None:
     mismatch = summary["hessian_mismatch"]
-    if mismatch > _mismatch_tol(dtype):
+    if not mismatch <= _mismatch_tol(dtype):  # NaN fails too
         raise ValueError(
             f"The `hessian` passed does not match dG/dtheta at (theta0, eps0): along a random "
             f"direction u, |H u - dG/dtheta u| / (|H u| + |dG/dtheta u|) = {mismatch:.3g}. Check "

@@ -219,7 +219,7 @@ def _split_orders(flat, layout: TreeLayout, as_derivatives: bool) -> list[Any]:
 _TRACED_NON_FINITE = (
     "optsens: Taylor coefficients are not finite: G or its derivatives overflow along this "
     "direction (log(0), exp overflow, division by zero at (theta0, eps0)), or the direction "
-    "holds NaN; evaluate outside jit for the orders concerned."
+    "holds NaN; evaluate outside jit / vmap for the orders concerned."
 )
 
 
