@@ -386,9 +386,8 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
     if regularization is not None:
         hessian = hessian + regularization * jnp.eye(hessian.shape[0], dtype=hessian.dtype)
     factorised = (CholeskySolver if solver == "cholesky" else LUSolver).factorise(hessian)
-    residual = problem.equation(theta0_flat, eps0_flat, args)
-    step = factorised.solve(residual)
     summary = {
+        **_solution_summary(problem, factorised.solve, theta0_flat, eps0_flat, args),
         "hessian_finite": jnp.all(jnp.isfinite(hessian)),
         # Not finite (Cholesky of a matrix that is not positive definite), or an exact
         # zero pivot (LU of an exactly singular matrix stays finite).
@@ -397,22 +396,36 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
         )
         & jnp.all(jnp.diagonal(factorised.lu if solver == "lu" else factorised.factor) != 0),
         "norm_1": jnp.max(jnp.sum(jnp.abs(hessian), axis=0), initial=0.0),
+        "hessian_mismatch": mismatch,
+    }
+    return hessian, factorised, _pack(summary, hessian.dtype)
+
+
+def _solution_summary(problem: FlatProblem, solve, theta0_flat, eps0_flat, args) -> dict:
+    """The solution checks' scalars: finite inputs, ``|G(theta0, eps0)|`` and the
+    size of its Newton step ``H^{-1} G`` (with whatever solver there is)."""
+    residual = problem.equation(theta0_flat, eps0_flat, args)
+    step = solve(jnp.where(jnp.isfinite(residual), residual, 0.0))
+    return {
         "inputs_finite": jnp.all(jnp.asarray(_leaves_finite((theta0_flat, eps0_flat, args)))),
         "residual_finite": jnp.all(jnp.isfinite(residual)),
         "residual_norm": jnp.linalg.norm(residual),
         "step_norm": jnp.max(jnp.abs(step), initial=0.0),
         "theta_scale": jnp.maximum(1.0, jnp.max(jnp.abs(theta0_flat), initial=0.0)),
-        "hessian_mismatch": mismatch,
     }
-    # One float vector, so the host fetches every check's input in a single transfer.
-    packed = jnp.stack([jnp.asarray(summary[key], hessian.dtype) for key in _SUMMARY_KEYS])
-    return hessian, factorised, packed
 
 
 _SUMMARY_KEYS = (
     "hessian_finite", "factor_finite", "norm_1", "inputs_finite", "residual_finite",
     "residual_norm", "step_norm", "theta_scale", "hessian_mismatch",
 )  # fmt: skip
+# What a check that does not apply reads (no dense H: nothing to be non-finite or mismatched).
+_SUMMARY_DEFAULTS = {"hessian_finite": 1.0, "factor_finite": 1.0, "norm_1": 0.0, "hessian_mismatch": 0.0}
+
+
+def _pack(summary: dict, dtype) -> jax.Array:
+    """One float vector, so the host fetches every check's input in a single transfer."""
+    return jnp.stack([jnp.asarray(summary.get(k, _SUMMARY_DEFAULTS.get(k)), dtype) for k in _SUMMARY_KEYS])
 
 
 _TRACED_MESSAGES = (
@@ -457,21 +470,8 @@ def _traced_checks(factorised, packed, residual_rtol: float, dtype):
 def _iterative_summary(solver: IterativeSolver) -> jax.Array:
     """The checks' scalars for a matrix-free solver (one iterative solve for the
     Newton step), packed like `_factorise`'s."""
-    residual = solver.problem.equation(solver.theta0, solver.eps0, solver.args)
-    step = solver.solve(jnp.where(jnp.isfinite(residual), residual, 0.0))
-    one = jnp.ones((), residual.dtype)
-    summary = {
-        "hessian_finite": one,
-        "factor_finite": one,
-        "norm_1": jnp.zeros((), residual.dtype),
-        "inputs_finite": jnp.all(jnp.asarray(_leaves_finite((solver.theta0, solver.eps0, solver.args)))),
-        "residual_finite": jnp.all(jnp.isfinite(residual)),
-        "residual_norm": jnp.linalg.norm(residual),
-        "step_norm": jnp.max(jnp.abs(step), initial=0.0),
-        "theta_scale": jnp.maximum(1.0, jnp.max(jnp.abs(solver.theta0), initial=0.0)),
-        "hessian_mismatch": jnp.zeros((), residual.dtype),
-    }
-    return jnp.stack([jnp.asarray(summary[key], residual.dtype) for key in _SUMMARY_KEYS])
+    summary = _solution_summary(solver.problem, solver.solve, solver.theta0, solver.eps0, solver.args)
+    return _pack(summary, solver.theta0.dtype)
 
 
 def _mismatch_tol(dtype) -> float:
