@@ -218,7 +218,7 @@ class EstimatingEquation(eqx.Module):
             # One compiled call forms H, factorises it and computes everything the
             # checks need (compiled once per function and shape, like the kernels).
             hessian, factorised, summary = _factorise(
-                problem, solver, regularization, theta0_flat, eps0_flat, args, hessian
+                problem, solver, regularization, theta0_flat, eps0_flat, args, hessian, traced=not concrete
             )
             cond = float("nan")
             if not concrete:
@@ -229,9 +229,9 @@ class EstimatingEquation(eqx.Module):
             if concrete:
                 # One transfer of a few scalars; the arrays are fetched only to explain a failure.
                 summary = dict(zip(_SUMMARY_KEYS, np.asarray(summary).tolist(), strict=True))
-                if not summary["inputs_finite"]:
+                if not (summary["factor_finite"] and summary["residual_finite"]):
+                    # Name the culprit first: NaN or inf in the inputs, then in H.
                     _check_finite_inputs({"theta0": theta0, "eps0": eps0, "args": args})
-                if not summary["hessian_finite"]:
                     _check_finite_hessian(hessian, theta_layout)
                 _check_hessian_matches(summary, theta0_flat.dtype)
                 cond = _check_factorisation(factorised, hessian, problem, cond_max, summary)
@@ -366,11 +366,18 @@ def _check_finite_hessian(hessian: jax.Array, layout: TreeLayout) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "regularization"))
-def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, eps0_flat, args, given=None):
+@functools.partial(jax.jit, static_argnames=("problem", "solver", "regularization", "traced"))
+def _factorise(
+    problem: FlatProblem, solver: str, regularization, theta0_flat, eps0_flat, args, given=None, traced=False
+):
     """H, its factorisation, and the scalars every check needs (finiteness of the
-    inputs, H and the factor; ||H||_1; |G(theta0, eps0)| and its Newton step) in one
-    compiled call. cond_1(H) is then estimated on the host from the factor."""
+    factor; ||H||_1; |G(theta0, eps0)| and its Newton step) in one compiled call.
+    cond_1(H) is then estimated on the host from the factor.
+
+    Non-finite inputs or H always show as a non-finite factor or residual; eagerly the
+    host then finds and names them, so their own reductions (a fifth of this
+    program's compile time) are compiled in only when `traced` (under jit, where
+    the run-time error must say which it was)."""
     if given is None:
         hessian = problem.hessian(theta0_flat, eps0_flat, args)
         mismatch = jnp.zeros((), theta0_flat.dtype)
@@ -387,8 +394,7 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
         hessian = hessian + regularization * jnp.eye(hessian.shape[0], dtype=hessian.dtype)
     factorised = (CholeskySolver if solver == "cholesky" else LUSolver).factorise(hessian)
     summary = {
-        **_solution_summary(problem, factorised.solve, theta0_flat, eps0_flat, args),
-        "hessian_finite": jnp.all(jnp.isfinite(hessian)),
+        **_solution_summary(problem, factorised.solve, theta0_flat, eps0_flat, args, traced),
         # Not finite (Cholesky of a matrix that is not positive definite), or an exact
         # zero pivot (LU of an exactly singular matrix stays finite).
         "factor_finite": jnp.all(
@@ -398,16 +404,21 @@ def _factorise(problem: FlatProblem, solver: str, regularization, theta0_flat, e
         "norm_1": jnp.max(jnp.sum(jnp.abs(hessian), axis=0), initial=0.0),
         "hessian_mismatch": mismatch,
     }
+    if traced:
+        summary["hessian_finite"] = jnp.all(jnp.isfinite(hessian))
     return hessian, factorised, _pack(summary, hessian.dtype)
 
 
-def _solution_summary(problem: FlatProblem, solve, theta0_flat, eps0_flat, args) -> dict:
-    """The solution checks' scalars: finite inputs, ``|G(theta0, eps0)|`` and the
-    size of its Newton step ``H^{-1} G`` (with whatever solver there is)."""
+def _solution_summary(problem: FlatProblem, solve, theta0_flat, eps0_flat, args, traced=True) -> dict:
+    """The solution checks' scalars: ``|G(theta0, eps0)|`` and the size of its Newton
+    step ``H^{-1} G`` (with whatever solver there is), and if `traced` whether the
+    inputs are finite."""
     residual = problem.equation(theta0_flat, eps0_flat, args)
     step = solve(jnp.where(jnp.isfinite(residual), residual, 0.0))
-    return {
+    summary = {} if not traced else {
         "inputs_finite": jnp.all(jnp.asarray(_leaves_finite((theta0_flat, eps0_flat, args)))),
+    }
+    return summary | {
         "residual_finite": jnp.all(jnp.isfinite(residual)),
         "residual_norm": jnp.linalg.norm(residual),
         "step_norm": jnp.max(jnp.abs(step), initial=0.0),
@@ -420,7 +431,9 @@ _SUMMARY_KEYS = (
     "residual_norm", "step_norm", "theta_scale", "hessian_mismatch",
 )  # fmt: skip
 # What a check that does not apply reads (no dense H: nothing to be non-finite or mismatched).
-_SUMMARY_DEFAULTS = {"hessian_finite": 1.0, "factor_finite": 1.0, "norm_1": 0.0, "hessian_mismatch": 0.0}
+_SUMMARY_DEFAULTS = {
+    "hessian_finite": 1.0, "factor_finite": 1.0, "norm_1": 0.0, "hessian_mismatch": 0.0, "inputs_finite": 1.0,
+}  # fmt: skip
 
 
 def _pack(summary: dict, dtype) -> jax.Array:
