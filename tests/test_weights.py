@@ -230,6 +230,18 @@ def test_fold_equation_is_the_core_problem(logistic):
     np.testing.assert_allclose(ours[0], np.stack(direct), rtol=1e-10, atol=1e-14)
 
 
+def test_loose_residual_rtol_carries_to_the_compiled_series(logistic):
+    """A model accepted with a loose `residual_rtol` (theta0 a little off the optimum)
+    must not be refused by the compiled higher-order path, which checks with the same
+    tolerance; its series equal the eager core equation's for the same fold."""
+    loose = MEstimator.from_loss(
+        logistic_loss, small_logistic(), logistic.theta + 1e-4, penalty=l2_penalty, residual_rtol=1e-2
+    )
+    fold = np.array([3, 17, 18])
+    direct = optsens.taylor_expansion(loose.fold_equation(fold), 2, "jvp").coefficients(1.0)
+    np.testing.assert_allclose(loose.leave_out_coefficients([fold], order=2)[0], np.stack(direct), rtol=1e-10)
+
+
 def test_kfold_and_leave_k_out_against_refits(logistic):
     folds = optsens.kfold(logistic.n_obs, 6, seed=0)  # sizes 7 and 6: padded folds
     exact = np.asarray(logistic.refit(folds, progress=False))

@@ -203,12 +203,14 @@ def bootstrap_steps(fit: FitAtTheta0, keys: jax.Array, newton: bool) -> jax.Arra
 
 
 # ------------------------------------------------------------------ higher orders
-def path_equation(fit: FitAtTheta0, theta0: Any) -> EstimatingEquation:
+def path_equation(fit: FitAtTheta0, theta0: Any, residual_rtol: float) -> EstimatingEquation:
     """The core `EstimatingEquation` of the weight path (`WeightPath`), with a
     placeholder fold; folds and draws are swapped in as traced arguments."""
     idx = jnp.zeros((1,), jnp.int32)
     delta = jnp.zeros((1,), fit.th.dtype)
-    eq = build_path_equation(WeightPath(fit.model), fit.model.kind, theta0, fit.data, fit.weights, idx, delta)
+    path = WeightPath(fit.model)
+    eq = build_path_equation(path, fit.model.kind, theta0, fit.data, fit.weights, idx, delta,
+                             fit.base.hessian, residual_rtol)  # fmt: skip
     return with_args(eq, (fit.data, fit.weights, idx, delta))
 
 

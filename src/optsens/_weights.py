@@ -358,7 +358,8 @@ class MEstimator:
 
     def _equation(self) -> EstimatingEquation:
         if self._equation_cache is None:
-            self._equation_cache = path_equation(self._fit(), self._theta0)  # after the checks on H
+            # After MEstimator's checks on H, and reusing that H.
+            self._equation_cache = path_equation(self._fit(), self._theta0, self._residual_rtol)
         return self._equation_cache
 
     def fold_equation(self, fold: Any) -> EstimatingEquation:

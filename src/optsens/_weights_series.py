@@ -30,16 +30,16 @@ __all__ = [
 
 
 @eqx.filter_jit
-def build_path_equation(path: WeightPath, kind: str, theta0, data, w, idx, delta):
-    """The core `EstimatingEquation` of the weight path, built under `jit`: its ``H``
-    (at ``t = 0``, the full-data Hessian) is computed by compiled code. The checks
-    that an eager construction would run were done by `MEstimator` on the same ``H``."""
+def build_path_equation(path: WeightPath, kind: str, theta0, data, w, idx, delta, hessian, residual_rtol):
+    """The core `EstimatingEquation` of the weight path, built under `jit` from the
+    full-data ``H`` that `MEstimator` already formed and checked (at ``t = 0`` the
+    path's ``H`` is that one), with `MEstimator`'s own `residual_rtol` for the
+    compiled-in checks."""
     eps0 = jnp.zeros((), w.dtype)
-    if kind == "loss":
-        return EstimatingEquation.from_objective(
-            path, theta0, eps0, args=(data, w, idx, delta), solver="cholesky"
-        )
-    return EstimatingEquation(path, theta0, eps0, args=(data, w, idx, delta), solver="lu")
+    solver = "cholesky" if kind == "loss" else "lu"
+    make = EstimatingEquation.from_objective if kind == "loss" else EstimatingEquation
+    args = (data, w, idx, delta)
+    return make(path, theta0, eps0, args=args, solver=solver, hessian=hessian, residual_rtol=residual_rtol)
 
 
 def fold_equation(model: ObservationModel, theta0, data, w, idx, delta, **checks) -> EstimatingEquation:
