@@ -661,11 +661,8 @@ class _RerunRule(_Rule):
     nest once per order (3x more program per order)."""
 
     def init(self, in_primals):
-        outs = super().init(in_primals)
-        self.out_moving = [_is_inexact(o) for o in outs]
-        self.out_primals = outs
-        self.last: list | None = None
-        return outs
+        self.last: list | None = None  # coefficient k of the outputs, for `correct`
+        return super().init(in_primals)  # (every inexact output moves)
 
     def _series(self, ins, k) -> list:
         raise NotImplementedError
@@ -679,10 +676,6 @@ class _RerunRule(_Rule):
         old, new = self.last, self._series(ins, k)
         self.last = new
         return [None if n is None else n - o for n, o in zip(new, old, strict=True)]
-
-    def reevaluate(self, ins, in_delta, outs):
-        new = _evaluate(self.prim, self.params, [p for p, _ in ins])
-        return [None if c is None else n - c[0] for n, c in zip(new, outs, strict=True)]
 
     def _body_series(self, closed, primals, moving, coeffs, k):
         """Coefficients ``1..k`` of `closed`'s outputs (moving outputs only) at `primals`."""
